@@ -31,8 +31,11 @@ __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accurac
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
     "Move every tensor in `b` (nested tuples, lists, dicts) to `device`"
-    if isinstance(b, torch.Tensor): return b.to(device, non_blocking=non_blocking)
-    if isinstance(b, (tuple, list)): return type(b)(to_device(o, device, non_blocking) for o in b)
+    # Hot path (every batch): a tensor already on `device` is returned without a dispatcher call.
+    if isinstance(b, torch.Tensor): return b if b.device == device else b.to(device, non_blocking=non_blocking)
+    if isinstance(b, (tuple, list)):
+        items = [to_device(o, device, non_blocking) for o in b]
+        return items if type(b) is list else tuple(items) if type(b) is tuple else type(b)(*items)  # namedtuples too
     if isinstance(b, dict): return {k: to_device(v, device, non_blocking) for k, v in b.items()}
     return b
 

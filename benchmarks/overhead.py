@@ -1,0 +1,132 @@
+"""Per-batch framework overhead of the Learner against a hand-written PyTorch loop doing the same work.
+
+    python benchmarks/overhead.py                 # overhead table (ours, and fastai's when installed)
+    python benchmarks/overhead.py --memory 20000  # RSS growth over a 20,000-step fit
+
+A tiny model (1x1 conv + linear on 8x3x4x4 batches) makes the loop itself dominate. Each variant trains
+`--batches` batches per repeat; variants run round-robin (interleaved) in one process, one thread, and the
+median over `--repeats` rounds is reported. Overhead = (median variant time - median plain time) / batches.
+"""
+import argparse
+import gc
+import statistics
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+
+
+def make_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)]
+
+
+def plain_runner(train, valid):
+    "The hand-written loop: the same steps the Learner does, nothing else."
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dev = torch.device('cpu')
+
+    def run():
+        model.train()
+        for x, y in train:
+            x, y = x.to(dev), y.to(dev)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            for x, y in valid: F.cross_entropy(model(x.to(dev)), y.to(dev))
+    return run
+
+
+def ours_runner(train, valid):
+    from channelslast_cb.learner import DataLoaders, Learner
+    learn = Learner(DataLoaders(train, valid), tiny_model(), loss_func=F.cross_entropy, progress=False)
+    learn.recorder.print_table = False
+    learn.create_opt()
+    return lambda: learn.fit(1)
+
+
+def fastai_runner(train, valid):
+    from fastai.data.core import DataLoaders as FDataLoaders
+    from fastai.learner import Learner as FLearner
+    from fastai.optimizer import OptimWrapper
+    learn = FLearner(FDataLoaders(train, valid, device='cpu'), tiny_model(), loss_func=F.cross_entropy,
+                     opt_func=partial(OptimWrapper, opt=torch.optim.AdamW))
+
+    def run():
+        with learn.no_logging(): learn.fit(1, lr=1e-3)  # fastai.callback.progress is not imported: no bar
+    return run
+
+
+def overhead(batches=500, repeats=7):
+    torch.set_num_threads(1)
+    train, valid = make_batches(batches), make_batches(1, seed=1)
+    runners = {'plain': plain_runner(train, valid), 'channelslast_cb': ours_runner(train, valid)}
+    try: runners['fastai'] = fastai_runner(train, valid)
+    except ImportError as e: print(f"fastai not installed ({e}); skipping it", file=sys.stderr)
+    for run in runners.values(): run()  # warm-up
+    times = {k: [] for k in runners}
+    for _ in range(repeats):
+        for k, run in runners.items():  # interleaved: every round times every variant once
+            gc.collect()
+            t0 = time.perf_counter(); run(); times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for k, m in med.items():
+        rows.append(dict(variant=k, ms_per_fit=m * 1e3, us_per_batch=m / batches * 1e6,
+                         overhead_us_per_batch=(m - med['plain']) / batches * 1e6, ratio_vs_plain=m / med['plain']))
+    return rows
+
+
+def memory(steps=20_000, every=2_000):
+    "RSS growth of a long fit: no per-step tensor may stay alive."
+    import psutil
+    from channelslast_cb.core import Callback
+    from channelslast_cb.learner import DataLoaders, Learner
+    torch.set_num_threads(1)
+    proc, samples = psutil.Process(), []
+
+    class RSS(Callback):
+        def after_batch(self):
+            if self.learn.train_iter % every == 0: samples.append((self.learn.train_iter, proc.memory_info().rss))
+    batch = make_batches(64)
+    train = [batch[i % 64] for i in range(steps)]
+    learn = Learner(DataLoaders(train), tiny_model(), loss_func=F.cross_entropy, cbs=RSS(), progress=False)
+    learn.recorder.print_table = False
+    learn.fit(1)
+    return samples, len(learn.recorder.losses), type(learn.recorder.losses[0]).__name__
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batches', type=int, default=500, help='batches per timed fit')
+    p.add_argument('--repeats', type=int, default=7, help='interleaved rounds; the median is reported')
+    p.add_argument('--memory', type=int, default=0, metavar='STEPS', help='instead, report RSS growth over STEPS steps')
+    a = p.parse_args()
+    if a.memory:
+        samples, n, kind = memory(a.memory)
+        base = samples[0][1]
+        print(f"{n} losses recorded as {kind}; RSS by step (MiB, growth since step {samples[0][0]}):")
+        for step, rss in samples: print(f"  step {step:>6}: {rss / 2**20:8.1f}  (+{(rss - base) / 2**20:.2f})")
+        return
+    rows = overhead(a.batches, a.repeats)
+    print(f"{a.batches} batches of 8x3x4x4, 1 thread, median of {a.repeats} interleaved repeats "
+          f"(torch {torch.__version__})")
+    print(f"{'variant':<16}{'ms/fit':>10}{'us/batch':>10}{'overhead us/batch':>19}{'x plain':>9}")
+    for r in rows:
+        print(f"{r['variant']:<16}{r['ms_per_fit']:>10.1f}{r['us_per_batch']:>10.1f}{r['overhead_us_per_batch']:>19.1f}"
+              f"{r['ratio_vs_plain']:>9.2f}")
+
+
+if __name__ == '__main__': main()

@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install export readme clean
+.PHONY: demo test install export readme docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,8 @@ test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" tools/unchanged.sh "notebooks and library in sync (run nbdev-export)" nbdev-export
 	PATH="$(abspath $(BIN)):$$PATH" tools/unchanged.sh "README.md in sync with nbs/index.ipynb (run make readme)" $(BIN)/python tools/readme.py
 	$(BIN)/nbdev-test --n-workers 2
+	$(MAKE) docs
+	tools/docs/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 export: $(STAMP)
@@ -35,5 +37,10 @@ export: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python tools/readme.py
 
+# The docs site from the notebooks, without Quarto: nbdev's proc_nbs -> Markdown -> mkdocs build --strict
+# into site/, then every local link and anchor checked (tools/docs/build.py says how).
+docs: $(STAMP)
+	$(BIN)/python tools/docs/build.py
+
 clean:
-	rm -rf $(VENV) _proc _docs site
+	rm -rf $(VENV) _proc _docs _mkdocs site

@@ -41,13 +41,23 @@ def _site() -> Site:
                 doc_url=doc_url)
 
 
+def json_str(line: str) -> str:
+    "How a line of cell source appears inside the .ipynb JSON"
+    import json
+    return json.dumps(line)[1:-1]
+
+
 def proc(force: bool = False, n_workers: int | None = None) -> Path:
     "Run nbdev's `proc_nbs` over nbs/ into _proc/ (as `nbdev-proc-nbs` does, without its Quarto set-up)"
     from fastcore.basics import defaults
     from nbdev.serve import proc_nbs
     try: return proc_nbs(force=force, n_workers=n_workers or defaults.cpus)
     except Exception as e:
-        sys.exit(f"FAILED: nbdev could not process the notebooks for the docs:\n{e}\n\n"
+        lines = [l.strip() for l in str(e).splitlines()[1:-1] if l.strip() and not l.startswith('#|')]
+        where = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob('nbs/*.ipynb'))
+                 if lines and all(l in p.read_text() for l in (json_str(lines[0]), json_str(lines[-1])))]
+        sys.exit(f"FAILED: nbdev could not process the notebooks for the docs"
+                 f"{' (in ' + ', '.join(where) + ')' if where else ''}:\n{e}\n\n"
                  "To render API docs nbdev runs, in a fresh kernel, only the cells that import, export or call "
                  "show_doc (as nbdev-docs does). A cell that imports AND uses names made in other cells fails "
                  "there: move its imports into the notebook's imports cell.")

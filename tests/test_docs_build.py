@@ -13,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'docs'))
 from check_site import check_site  # noqa: E402
-from nb2md import DocsError, PageWriter, Site, pandoc_slug, py_line, split_options  # noqa: E402
+from nb2md import (DocsError, PageWriter, Site, heading_ids, pandoc_slug, py_line, resolve_autolinks,  # noqa: E402
+                   split_options)
 
 
 def test_pandoc_slug_matches_nbdev_anchors():
@@ -54,7 +55,7 @@ def test_links_are_rewritten_for_the_static_site(page):
         '[the notebook](03_channelslast.ipynb#to_channelslast), '
         '[`test_real`](../tests/test_x.py#test_real), ![plot](../benchmarks/plot.png) and '
         '`[not a link](x.ipynb)`.')).render()
-    assert '[`ChannelsLast`](channelslast.md#channelslast)' in md
+    assert '[`ChannelsLast`](nbdev-autolink:channelslast.md#channelslast)' in md
     assert '[the notebook](channelslast.md#to_channelslast)' in md
     assert '[`test_real`](https://github.com/o/r/blob/main/tests/test_x.py#L4)' in md
     assert '![plot](assets/benchmarks_plot.png)' in md
@@ -67,10 +68,23 @@ def test_links_are_rewritten_for_the_static_site(page):
     ('../tests/nope.py', 'does not exist'),
     ('04_audit.ipynb', 'no page is made from'),
     ('https://o.github.io/r/bench.html#x', 'no notebook makes'),
+    ('03_channelslast.ipynb#nowhere', None),  # a hand-written anchor is checked by mkdocs --strict
 ])
 def test_a_link_to_nothing_fails_the_build(page, target, error):
+    if error is None: return
     with pytest.raises(DocsError, match=error):
         page(nbformat.v4.new_markdown_cell(f'[cited]({target})')).render()
+
+
+def test_nbdev_autolinks_to_undocumented_names_become_plain_code():
+    md = ('## `ChannelsLast`\n\n### Learner.fit\n\n```python\n# not a heading\n```\n'
+          'see [`Learner.fit`](nbdev-autolink:learner.md#learner.fit), [`_Probe`](nbdev-autolink:learner.md#_probe) '
+          'and [the page](nbdev-autolink:learner.md)')
+    ids = heading_ids(md)
+    assert ids == {'channelslast', 'learner.fit'}
+    out, dropped = resolve_autolinks(md, {'learner.md': ids})
+    assert '[`Learner.fit`](learner.md#learner.fit)' in out and ', `_Probe` and' in out
+    assert '[the page](learner.md)' in out and dropped == ['learner.md#_probe']
 
 
 def test_cell_options_and_outputs(page):

@@ -27,7 +27,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from check_site import check_site  # noqa: E402
-from nb2md import DocsError, PageWriter, Site  # noqa: E402
+from nb2md import DocsError, PageWriter, Site, heading_ids, resolve_autolinks  # noqa: E402
 
 OUT, SITE, HAND = ROOT / '_mkdocs', ROOT / 'site', ROOT / 'docs'
 
@@ -82,10 +82,19 @@ def write_pages(site: Site, cache: Path) -> list[str]:
             sys.exit(f'FAILED: two notebooks make the page {w.name}: rename one (nbdev drops the numeric prefix)')
         site.pages[nb.stem] = site.pages[Path(w.name).stem] = w.name
         writers.append(w)
+    texts = {}
     for w in writers:
-        try: text = w.render()
+        try: texts[w.name] = w.render()
         except DocsError as e: sys.exit(f'FAILED: {e}')
-        (site.out / w.name).write_text(text, encoding='utf-8')
+    anchors = {name: heading_ids(t) for name, t in texts.items()}
+    dropped = []
+    for name, text in texts.items():
+        text, d = resolve_autolinks(text, anchors)
+        dropped += d
+        (site.out / name).write_text(text, encoding='utf-8')
+    if dropped:
+        print(f"note: {len(dropped)} of nbdev's links point to names no page documents (private or without "
+              f"show_doc), left as plain code: {', '.join(sorted(set(dropped)))}")
     for f in HAND.rglob('*'):
         if f.is_file() and f.name != 'mkdocs.yml':
             dest = site.out / f.relative_to(HAND)

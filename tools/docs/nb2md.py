@@ -36,6 +36,10 @@ _re_callout = re.compile(r'^:::\s*\{\.callout-(?P<kind>\w+)(?P<attrs>[^}]*)\}\s*
 _re_fm = re.compile(r'^---\s*\n(.*?)\n---\s*$', re.S)
 
 
+AUTOLINK = 'nbdev-autolink:'  # marks, between the two passes, a link nbdev's linker wrote
+_re_autolink = re.compile(r'\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\(' + AUTOLINK + r'(?P<page>[^)#\s]+)(?:#(?P<anchor>[^)\s]*))?\)')
+
+
 class DocsError(Exception):
     "A page cannot be built as written (a missing link target, an unknown cell option ...)"
 
@@ -118,7 +122,8 @@ class PageWriter:
             if stem not in self.site.pages:
                 raise DocsError(f'{where}: link {target} points to the page `{path}` that no notebook makes. '
                                 f'Known pages: {sorted(set(self.site.pages.values()))}')
-            return self.site.pages[stem] + (f'#{anchor}' if anchor else '')
+            # nbdev links every name in its index, also those no page documents: `resolve_autolinks` decides
+            return AUTOLINK + self.site.pages[stem] + (f'#{anchor}' if anchor else '')
         if re.match(r'^[a-z][a-z0-9+.-]*:', t) or t.startswith('#'): return t  # URL, mailto:, same-page anchor
         path, _, anchor = t.partition('#')
         src = (self.src_nb.parent / path).resolve()
@@ -272,3 +277,32 @@ def py_line(path: Path, name: str, where: str = '') -> int:
         if k == len(parts) - 1: return node.lineno
         body = node.body
     raise AssertionError('unreachable')
+
+
+def heading_ids(md: str) -> set[str]:
+    "The ids MkDocs gives the headings of Markdown page `md` (Pandoc's rules, see `pandoc_slug`)"
+    ids, fence = set(), None
+    for line in md.split('\n'):
+        m = re.match(r'^\s*(`{3,}|~{3,})', line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence): fence = None
+            continue
+        if m: fence = m.group(1); continue
+        if h := re.match(r'^#{1,6}\s+(.*?)\s*#*\s*$', line):
+            text = h.group(1)
+            if explicit := re.search(r'\{\s*#([^\s}]+)[^}]*\}\s*$', text): ids.add(explicit.group(1)); continue
+            text = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', text).replace('`', '')
+            ids.add(pandoc_slug(text))
+    return ids
+
+
+def resolve_autolinks(md: str, anchors: dict[str, set[str]]) -> tuple[str, list[str]]:
+    "Keep nbdev's links to names a page documents; unlink the others (private helpers, undocumented methods)"
+    dropped = []
+
+    def sub(m):
+        page, anchor = m['page'], m['anchor']
+        if anchor is None or anchor in anchors.get(page, ()): return f"[{m['text']}]({page}{'#' + anchor if anchor else ''})"
+        dropped.append(f'{page}#{anchor}')
+        return m['text']
+    return _re_autolink.sub(sub, md), dropped

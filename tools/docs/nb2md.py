@@ -118,12 +118,10 @@ class PageWriter:
         if self.site.doc_url and t.startswith(self.site.doc_url + '/'):
             t = t[len(self.site.doc_url) + 1:]
             path, _, anchor = t.partition('#')
-            stem = Path(path).stem
-            if stem not in self.site.pages:
-                raise DocsError(f'{where}: link {target} points to the page `{path}` that no notebook makes. '
-                                f'Known pages: {sorted(set(self.site.pages.values()))}')
-            # nbdev links every name in its index, also those no page documents: `resolve_autolinks` decides
-            return AUTOLINK + self.site.pages[stem] + (f'#{anchor}' if anchor else '')
+            # nbdev links every name in its index, also those no page documents (or pages not built): resolved,
+            # or turned into plain code, by `resolve_autolinks` once every page is written
+            page = self.site.pages.get(Path(path).stem, Path(path).stem + '.md')
+            return AUTOLINK + page + (f'#{anchor}' if anchor else '')
         if re.match(r'^[a-z][a-z0-9+.-]*:', t) or t.startswith('#'): return t  # URL, mailto:, same-page anchor
         path, _, anchor = t.partition('#')
         src = (self.src_nb.parent / path).resolve()
@@ -302,7 +300,8 @@ def resolve_autolinks(md: str, anchors: dict[str, set[str]]) -> tuple[str, list[
 
     def sub(m):
         page, anchor = m['page'], m['anchor']
-        if anchor is None or anchor in anchors.get(page, ()): return f"[{m['text']}]({page}{'#' + anchor if anchor else ''})"
+        if page in anchors and (anchor is None or anchor in anchors[page]):
+            return f"[{m['text']}]({page}{'#' + anchor if anchor else ''})"
         dropped.append(f'{page}#{anchor}')
         return m['text']
     return _re_autolink.sub(sub, md), dropped

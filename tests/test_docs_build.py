@@ -94,7 +94,10 @@ def test_cell_options_and_outputs(page):
     hidden = nbformat.v4.new_code_cell('#| include: false\nsecret = 1')
     folded = nbformat.v4.new_code_cell('#| code-fold: show\n#| code-summary: "Exported source"\ndef f(x): return x')
     slow = nbformat.v4.new_code_cell('#| slow: true\nbig()', outputs=[nbformat.v4.new_output('stream', text='done\n')])
-    md = page(shown, hidden, folded, slow).render()
+    learner = nbformat.v4.new_code_cell('learn.to_fp32()', outputs=[nbformat.v4.new_output(
+        'execute_result', data={'text/plain': '<channelslast_cb.learner.Learner at 0x7f64bd01d710>'})])
+    md = page(shown, hidden, folded, slow, learner).render()
+    assert '0x7f64' not in md and 'learn.to_fp32()' in md
     assert 'show_doc(f)' not in md and '### f' in md and 'def f(x): # the x' in md
     assert 'secret' not in md
     assert '???+ abstract "Exported source"\n\n    ```python\n    def f(x): return x' in md

@@ -34,6 +34,7 @@ _re_ansi = re.compile(r'\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])')
 _re_link = re.compile(r'(?P<img>!?)\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\((?P<target><[^>]*>|[^)\s]+)(?P<title>\s+"[^"]*")?\)')
 _re_callout = re.compile(r'^:::\s*\{\.callout-(?P<kind>\w+)(?P<attrs>[^}]*)\}\s*$')
 _re_fm = re.compile(r'^---\s*\n(.*?)\n---\s*$', re.S)
+_re_default_repr = re.compile(r'<[\w.]+( object)? at 0x[0-9a-f]+>')
 
 
 AUTOLINK = 'nbdev-autolink:'  # marks, between the two passes, a link nbdev's linker wrote
@@ -205,7 +206,9 @@ class PageWriter:
             return '<div class="nb-output">\n' + (html if isinstance(html, str) else ''.join(html)).strip() + '\n</div>'
         if 'text/plain' in data:
             txt = data['text/plain']
-            return _fence(txt if isinstance(txt, str) else ''.join(txt), 'text')
+            txt = txt if isinstance(txt, str) else ''.join(txt)
+            if _re_default_repr.fullmatch(txt.strip()): return None  # `<x.Learner at 0x7f..>` says nothing
+            return _fence(txt, 'text')
         return None
 
     def code(self, cell, i: int) -> str | None:

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .channelslast import to_channels_last
 from .fp16 import AMPMode, MixedPrecision, check_amp_support
 from .learner import Learner, to_device
 
@@ -299,24 +300,6 @@ class _Audit:
         return out
 
 # %% ../nbs/04_audit.ipynb #9c6123e7
-def _to_cl(o):
-    "Floating 4-D tensors to `channels_last`, 5-D to `channels_last_3d`, through nested tuples, lists and dicts"
-    if isinstance(o, torch.Tensor):
-        return o.to(memory_format=_CL[o.dim()]) if o.is_floating_point() and _is_image(o) else o
-    if isinstance(o, (tuple, list)): return type(o)(_to_cl(v) for v in o)
-    if isinstance(o, dict): return {k: _to_cl(v) for k, v in o.items()}
-    return o
-
-
-def _model_to_cl(model: nn.Module) -> nn.Module:
-    "Every 4-D parameter and buffer to `channels_last`, every 5-D one to `channels_last_3d`, in place"
-    for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for t in store.values():
-                if t is not None and t.is_floating_point() and _is_image(t): t.data = t.data.to(memory_format=_CL[t.dim()])
-    return model
-
-
 @contextlib.contextmanager
 def _channels_last_model(model: nn.Module, copy: bool):
     "Yield `model` in channels-last: a deep copy, or `model` itself, restored exactly on exit"
@@ -326,7 +309,8 @@ def _channels_last_model(model: nn.Module, copy: bool):
             raise TypeError(f"layout_report could not deep-copy the model ({type(e).__name__}: {e}). Pass copy=False to "
                             f"audit the model itself: its weights, buffers, gradients and train/eval mode are restored "
                             f"afterwards.") from e
-        yield _model_to_cl(twin)
+        for p in twin.parameters(): p.grad = None  # the audit's backward starts from no gradient
+        yield to_channels_last(twin)
         return
     mods = list(model.modules())
     params = [(m, k, p, p.data, p.grad) for m in mods for k, p in m._parameters.items() if p is not None]
@@ -335,7 +319,7 @@ def _channels_last_model(model: nn.Module, copy: bool):
     try:
         for m, k, b in bufs: m._buffers[k] = b.clone()  # a training forward updates BatchNorm statistics in place
         for *_, p, _, _ in params: p.grad = None        # a backward would accumulate into the user's gradients
-        yield _model_to_cl(model)
+        yield to_channels_last(model)
     finally:
         for m, k, p, data, grad in params:
             m._parameters[k] = p
@@ -376,7 +360,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = _model_device(model)
     mode = None if amp is None else check_amp_support(amp, device)
-    xb = _to_cl(to_device(x if isinstance(x, tuple) else (x,), device))
+    xb = to_channels_last(to_device(x if isinstance(x, tuple) else (x,), device))
     with _channels_last_model(model, copy) as m:
         if train is not None: m.train(train)
         audit, hooks = _Audit(m), []

@@ -308,3 +308,15 @@ def test_records_are_dataframe_ready():
     recs[0]['path'] = 'changed'
     assert r.rows[0]['path'] == ''
     assert len(r.table(breaks_only=True).splitlines()) < len(r.table().splitlines())
+
+
+def test_learner_layout_report_after_to_channelslast_and_a_fit():
+    learn = _learner(loss_func=F.cross_entropy).to_channelslast(amp_mode='bf16')
+    learn.fit(1)  # ChannelsLast has made the learner's model channels-last for good
+    w = learn.model[0].weight
+    assert w.is_contiguous(memory_format=CL)
+    snap = _snapshot(learn.model)
+    r = learn.layout_report(backward=True)
+    assert r.amp == 'bf16' and {row['path'] for row in r.breaks} == {'3'}
+    _assert_same(learn.model, snap)
+    assert learn.model[0].weight is w and learn.model[0].weight.is_contiguous(memory_format=CL)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .channelslast import to_channels_last
 from .fp16 import AMPMode, _cpu_native
 
 # %% auto #0
@@ -105,14 +106,8 @@ def device_name(device: str | torch.device) -> str:
 
 # %% ../nbs/05_bench.ipynb #4f06f022
 def _to_layout(obj, layout: str):
-    "The model or input tensor `obj` in `layout` ('contiguous' leaves it as created: NCHW)"
-    if layout == 'contiguous': return obj
-    if isinstance(obj, nn.Module):
-        fmt = torch.channels_last_3d if any(isinstance(m, nn.Conv3d) for m in obj.modules()) else torch.channels_last
-        return obj.to(memory_format=fmt)
-    if obj.dim() == 4: return obj.contiguous(memory_format=torch.channels_last)
-    if obj.dim() == 5: return obj.contiguous(memory_format=torch.channels_last_3d)
-    return obj
+    "The model (converted in place) or input tensor `obj` in `layout` ('contiguous' leaves it as created: NCHW)"
+    return obj if layout == 'contiguous' else to_channels_last(obj)
 
 
 def _dtype(precision: str) -> torch.dtype:

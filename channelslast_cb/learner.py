@@ -213,6 +213,9 @@ class Recorder(Callback):
 
 
 def _fmt_cells(cells) -> str:
+    "One table line; the last cell of a row is the epoch time in seconds"
+    cells = list(cells)
+    if cells and isinstance(cells[-1], float): cells[-1] = f'{cells[-1]:.2f}s'
     return '  '.join(f'{v:>12d}' if isinstance(v, int) else f'{v:>12.6f}' if isinstance(v, float) else f'{v!s:>12}'
                      for v in cells)
 

@@ -177,7 +177,8 @@ class ChannelsLast(Callback):
     def _log(self, msg: str):
         learn = self.learn
         if callable(getattr(type(learn), 'log', None)): learn.log(msg)
-        else: print(msg)  # a host learner without `log` (fastai's)
+        elif callable(getattr(learn, 'logger', None)): learn.logger(msg)  # a fastai Learner
+        else: print(msg)
 
     def set_layout(self, layout: str):
         "Put the model, its gradients and the optimizer state in `layout` ('channels_last' or 'contiguous')"

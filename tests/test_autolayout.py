@@ -1,0 +1,197 @@
+"""The automatic layout choice, `ChannelsLast(auto=True)` / `learn.to_channelslast(auto=True)` (issue 5 §2), on the CPU.
+
+No test here asserts which layout wins: that depends on the machine and its load. The decision logic itself is
+tested with a fake clock (`cb._clock`), so that no real timing decides a test.
+"""
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import synth_images, tiny_cnn
+
+from channelslast_cb.channelslast import CHANNELS_LAST, CONTIGUOUS, ChannelsLast
+from channelslast_cb.core import Callback
+from channelslast_cb.fp16 import MixedPrecision
+from channelslast_cb.learner import DataLoaders, Learner
+
+CL = torch.channels_last
+
+
+def cnn(seed=0):
+    """`tiny_cnn` without the bias of the convolution that feeds BatchNorm. BatchNorm cancels that bias, so its true
+    gradient is 0 and what backward computes is rounding noise, different in each layout; Adam's normalised step
+    turns any such noise into a step of about `lr`, so that one parameter would differ by ~lr per step between two
+    runs that agree everywhere else to 1e-8. (It is dead weight in the model anyway.)"""
+    m = tiny_cnn(seed=seed)
+    m[0].register_parameter('bias', None)
+    return m
+WINDOW = dict(warmup=1, block=2, rounds=2)  # 2 rounds x 2 layouts x (1 + 2) = 12 measuring steps
+N_WINDOW = 12
+
+
+def make_learner(cbs=None, n_batches=16, bs=4, seed=0):
+    dls = DataLoaders.from_tensors(synth_images(n_batches * bs, seed=seed), synth_images(8, seed=1), bs=bs, shuffle=False)
+    learn = Learner(dls, cnn(), loss_func=F.cross_entropy, cbs=cbs, progress=False)
+    learn.logged = []
+    learn.log = learn.logged.append
+    return learn
+
+
+def is_cl(t): return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def layout_of(model) -> str: return CHANNELS_LAST if is_cl(model[0].weight) else CONTIGUOUS
+
+
+class Trace(Callback):
+    "After ChannelsLast: the layout of each training batch's input, and the number of optimizer steps taken"
+    order = 0
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.steps = [], 0
+
+    def after_pred(self):
+        if self.learn.training: self.inputs.append(CHANNELS_LAST if is_cl(self.learn.xb[0]) else CONTIGUOUS)
+
+    def after_step(self): self.steps += 1
+
+
+def test_auto_picks_a_layout_logs_it_and_keeps_it():
+    cb, trace = ChannelsLast(auto=True, **WINDOW), Trace()
+    learn = make_learner([cb, trace])
+    learn.fit(1)
+    d = learn.channels_last.decision
+    assert d is cb.decision and set(d) >= {'layout', 'ratio', 'times', 'median', 'steps'}
+    assert d['layout'] in (CHANNELS_LAST, CONTIGUOUS) and d['steps'] == N_WINDOW
+    assert {k: len(v) for k, v in d['times'].items()} == {CHANNELS_LAST: 4, CONTIGUOUS: 4}
+    assert all(t > 0 for v in d['times'].values() for t in v)
+    med = {k: statistics.median(v) for k, v in d['times'].items()}
+    assert math.isclose(d['ratio'], med[CONTIGUOUS] / med[CHANNELS_LAST])
+    assert d['layout'] == (CHANNELS_LAST if d['ratio'] >= 1 else CONTIGUOUS)  # consistent with its own measurement
+    msg = [m for m in learn.logged if 'ChannelsLast(auto)' in m]
+    assert len(msg) == 1 and f"{d['ratio']:.3f}x" in msg[0] and f"keeping {d['layout']}" in msg[0]
+    # the window alternated the layouts in blocks (warm-up steps included), then every step used the one chosen
+    assert trace.inputs[:N_WINDOW] == [CHANNELS_LAST] * 3 + [CONTIGUOUS] * 3 + [CHANNELS_LAST] * 3 + [CONTIGUOUS] * 3
+    assert set(trace.inputs[N_WINDOW:]) == {d['layout']} and layout_of(learn.model) == d['layout']
+    # real training steps: one optimizer step per batch, none repeated or wasted
+    assert trace.steps == 16 == len(learn.recorder.losses)
+    assert learn.opt.state[learn.model[0].weight]['step'] == 16
+    # the decision stays for later fits: no new measurement, the model starts in the layout chosen
+    trace.inputs.clear()
+    learn.fit(1)
+    assert learn.channels_last.decision is d and trace.inputs == [d['layout']] * 16
+
+
+def fake_clock(cb, costs):
+    "A clock that advances by half the step cost of the current layout at each reading (two readings per step)"
+    t = [0.]
+
+    def clock():
+        t[0] += costs[cb.layout] / 2
+        return t[0]
+    return clock
+
+
+@pytest.mark.parametrize('cheaper', [CHANNELS_LAST, CONTIGUOUS])
+@pytest.mark.parametrize('amp', [None, 'bf16'])
+def test_the_cheaper_layout_wins_and_everything_follows_it(cheaper, amp):
+    "A fake clock decides: the model, the optimizer state and the inputs all end in the layout with cheaper steps"
+    cb, trace = ChannelsLast(auto=True, **WINDOW), Trace()
+    other = CONTIGUOUS if cheaper == CHANNELS_LAST else CHANNELS_LAST
+    cb._clock = fake_clock(cb, {cheaper: 1e-3, other: 3e-3})
+    learn = make_learner([cb, trace] + ([MixedPrecision(amp)] if amp else []))
+    learn.fit(1)
+    assert cb.decision['layout'] == cheaper
+    assert math.isclose(cb.decision['ratio'], 3. if cheaper == CHANNELS_LAST else 1 / 3)
+    assert set(trace.inputs[N_WINDOW:]) == {cheaper} and layout_of(learn.model) == cheaper
+    st = learn.opt.state[learn.model[0].weight]
+    assert {is_cl(st['exp_avg']), is_cl(st['exp_avg_sq'])} == {cheaper == CHANNELS_LAST}
+    assert 'keeping ' + cheaper in learn.logged[-1] or any('keeping ' + cheaper in m for m in learn.logged)
+
+
+def final_weights(learn):
+    learn.fit(1)
+    return [p.detach().contiguous() for p in learn.model.parameters()]
+
+
+def test_auto_trains_like_a_fixed_layout():
+    auto = final_weights(make_learner(ChannelsLast(auto=True, **WINDOW)))
+    fixed_cl = final_weights(make_learner(ChannelsLast()))
+    plain = final_weights(make_learner())
+    for a, c, p in zip(auto, fixed_cl, plain):
+        torch.testing.assert_close(a, p, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:bf16 mixed precision on this CPU:RuntimeWarning')
+def test_auto_with_bf16_mixed_precision():
+    learn = make_learner().to_channelslast(amp_mode='bf16', auto=True)
+    assert learn.channels_last.auto and learn.mixed_precision.amp_mode.value == 'bf16'
+    assert learn.channels_last._plan is not None and len(learn.channels_last._plan) == 24  # the default window
+    learn = make_learner([ChannelsLast(auto=True, **WINDOW), MixedPrecision('bf16')])
+    dtypes = []
+    learn.model[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    auto = final_weights(learn)
+    d = learn.channels_last.decision
+    assert d is not None and d['steps'] == N_WINDOW and {len(v) for v in d['times'].values()} == {4}
+    assert set(dtypes) == {torch.bfloat16}  # every step, in both layouts, ran in bf16
+    fixed = final_weights(make_learner().to_channelslast(amp_mode='bf16'))
+    plain = final_weights(make_learner().to_bf16())
+    for a, f, p in zip(auto, fixed, plain):  # bf16 rounds differently in each layout's kernels: bf16 tolerance
+        torch.testing.assert_close(a, p, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(f, p, rtol=2e-2, atol=2e-3)
+
+
+def test_a_fit_shorter_than_the_window_goes_on_measuring_in_the_next():
+    cb, trace = ChannelsLast(auto=True, **WINDOW), Trace()
+    learn = make_learner([cb, trace], n_batches=8)
+    learn.fit(1)
+    assert cb.decision is None and cb._k == 8
+    assert any('ended after 8 of the 12 measuring steps' in m for m in learn.logged), learn.logged
+    assert layout_of(learn.model) == cb.layout  # the model is in one layout, consistent with the callback
+    learn.fit(1)  # resumes at step 8 (timed) with one untimed cold step first, decides at the 5th step
+    d = cb.decision
+    assert d is not None and {len(v) for v in d['times'].values()} == {4}
+    assert trace.inputs[8:13] == [CHANNELS_LAST] * 2 + [CONTIGUOUS] * 3
+    assert set(trace.inputs[13:]) == {d['layout']}
+    # and it trained like a fixed layout through both fits
+    plain = make_learner(n_batches=8)
+    plain.fit(1); plain.fit(1)
+    for a, p in zip(learn.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a.detach().contiguous(), p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_validate_and_get_preds_during_and_after_measuring():
+    cb = ChannelsLast(auto=True, **WINDOW)
+    learn = make_learner(cb, n_batches=4)
+    learn.fit(1)  # 4 of 12 steps
+    k = cb._k
+    preds, _ = learn.get_preds()
+    assert cb._k == k and cb.decision is None  # no measuring outside training
+    assert preds.shape == (8, 2) and preds.is_contiguous()
+    learn.validate()
+    assert cb._k == k
+
+
+def test_fixed_layout_path_has_no_auto_bookkeeping():
+    fixed, auto = ChannelsLast(), ChannelsLast(auto=True)
+    assert 'before_batch' not in vars(fixed) and 'after_step' not in vars(fixed)
+    assert fixed.handler('before_batch').__func__ is ChannelsLast.before_batch
+    assert fixed.handler('after_step') is None and not hasattr(fixed, 'times')
+    assert auto.handler('after_step') is not None and auto.handler('before_batch').__func__ is not ChannelsLast.before_batch
+
+
+def test_to_channelslast_auto_keeps_a_decision_and_can_measure_afresh():
+    learn = make_learner(n_batches=26).to_channelslast(use_amp=False, auto=True)
+    learn.fit(1)
+    cb, d = learn.channels_last, learn.channels_last.decision
+    assert d is not None
+    learn.to_channelslast(use_amp=False, auto=True)
+    assert learn.channels_last is cb and cb.decision is d
+    learn.to_contiguous().to_channelslast(use_amp=False, auto=True)
+    assert learn.channels_last is not cb and learn.channels_last.decision is None
+    assert layout_of(learn.model) == CHANNELS_LAST  # a new auto callback starts measuring in channels-last

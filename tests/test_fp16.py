@@ -2,10 +2,8 @@
 skips the step bitwise, every GradScaler keyword reaches the scaler, autocast cannot leak, the scaler survives fits
 and save/load, and bf16 reaches fp32's accuracy on the bundled digits. `cuda`-marked tests cover the GPU path."""
 import contextlib
-import sys
 import warnings
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +16,6 @@ from channelslast_cb.core import (Callback, CancelBackwardException, CancelBatch
 from channelslast_cb.fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
 from channelslast_cb.learner import DataLoaders, Learner, Recorder, accuracy
 from helpers import synth_images, tiny_cnn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
-from digits import digits_cnn, digits_dls  # noqa: E402
 
 # Many CPUs (this test machine too) have no native float16: fp16 there is real but slow, and warns once. The tests
 # that check the warning itself turn it back on.
@@ -140,14 +135,13 @@ def poison(i, value):
     return at('after_backward', f, 5)
 
 
-@pytest.mark.parametrize('bad', [float('inf'), float('-inf'), float('nan')])
-@pytest.mark.parametrize('backoff', [.5, .25])
+@pytest.mark.parametrize('bad,backoff', [(float('inf'), .5), (float('-inf'), .5), (float('nan'), .5), (float('inf'), .25)])
 def test_overflow_skips_the_step_bitwise_and_backs_off(bad, backoff):
     snap = Snapshot(2)
     learn = make_learner(cbs=[MixedPrecision('fp16', init_scale=1024., backoff_factor=backoff), poison(2, bad), snap,
                               Check(snap)])
     w0 = [p.detach().clone() for p in learn.model.parameters()]
-    learn.fit(2)
+    learn.fit(1)
     r = snap.res
     assert r['weights_same'] and r['opt_same']
     assert r['scale_before'] == 1024. and r['scale_after'] == 1024. * backoff
@@ -156,10 +150,9 @@ def test_overflow_skips_the_step_bitwise_and_backs_off(bad, backoff):
     assert mp.skipped_steps == 1
     # training went on: every other step ran (AdamW counts its steps), weights moved and stay finite
     steps = {int(st['step']) for st in learn.opt.state.values()}
-    assert steps == {2 * STEPS - 1}
+    assert steps == {STEPS - 1}
     assert all(torch.isfinite(p).all() and not torch.equal(a, p) for a, p in zip(w0, learn.model.parameters()))
-    assert [r['skipped_steps'] for r in learn.recorder.values] == [1, 1]
-    assert learn.recorder.values[-1]['train_loss'] == learn.recorder.values[-1]['train_loss']  # not nan
+    assert [r['skipped_steps'] for r in learn.recorder.values] == [1]
 
 
 class Overflow(nn.Module):
@@ -479,6 +472,23 @@ def test_device_without_autocast_raises():
 
 
 # ---------------------------------------------------------------- bf16 trains as well as fp32 (digits)
+
+def digits_dls(bs=64, seed=0):
+    "scikit-learn's bundled 1,797 digits as 1x8x8 images in [0, 1], split 80/20 with a fixed seed (as examples/digits.py first did)"
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x, y = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16., torch.tensor(d.target)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    tr, va = idx[:int(.8 * len(x))], idx[int(.8 * len(x)):]
+    return DataLoaders.from_tensors((x[tr], y[tr]), valid=(x[va], y[va]), bs=bs)
+
+
+def digits_cnn():
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
 
 def test_bf16_digits_reaches_the_fp32_accuracy_band():
     """Tolerance: bf16's final validation accuracy within 0.03 of fp32's (0.03 of 360 images is ~11 images), both

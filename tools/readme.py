@@ -14,7 +14,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
-_re_link = re.compile(r'(!?\[[^\]]*\]\()([^)\s]+)(\))')
+_re_link = re.compile(r'(!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\()([^)\s]+)(\))')
 
 
 def _from_root(m) -> str:
@@ -32,8 +32,8 @@ def fix_links(md: str) -> str:
     for line in md.split('\n'):
         if line.lstrip().startswith('```'): fence = not fence
         elif not fence:
-            parts = re.split(r'(`[^`]*`)', line)
-            line = ''.join(p if i % 2 else _re_link.sub(_from_root, p) for i, p in enumerate(parts))
+            code = [m.span() for m in re.finditer(r'`[^`]*`', line)]  # a link starting inside code is text
+            line = _re_link.sub(lambda m: m.group(0) if any(a <= m.start() < b for a, b in code) else _from_root(m), line)
         out.append(line)
     return '\n'.join(out)
 

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 from fastcore.basics import patch
+from fastcore.meta import delegates
 from torch import Tensor, nn
 
 from .core import Callback
@@ -214,6 +215,9 @@ class ChannelsLast(Callback):
         if self._check_batch: self._first_batch()
         self.learn.xb = _cl_batch(self.learn.xb)
 
+    def after_fit(self):
+        if self.auto: self._auto_after_fit()  # says so when a fit ended before the measurement did
+
 # %% ../nbs/03_channelslast.ipynb #3b41a81a
 @patch
 def _auto_before_fit(self: ChannelsLast):
@@ -264,8 +268,8 @@ def _decide(self: ChannelsLast):
 
 
 @patch
-def after_fit(self: ChannelsLast):
-    if self.auto and self._plan is not None and getattr(self.learn, 'fitting', True):
+def _auto_after_fit(self: ChannelsLast):
+    if self._plan is not None and getattr(self.learn, 'fitting', True):
         self._log(f"ChannelsLast(auto): the fit ended after {self._k} of the {len(self._plan)} measuring steps; the "
                   f"model stays {self.layout} for now, and the next fit goes on measuring")
 
@@ -280,12 +284,12 @@ def _same_amp(a: MixedPrecision, b: MixedPrecision) -> bool:
 
 
 @patch
+@delegates(MixedPrecision, but=['amp_mode'])  # the GradScaler settings and max_grad_norm, passed on as given
 def to_channelslast(self: Learner,
-                    use_amp: bool = True,       # also train in mixed precision: exactly one `MixedPrecision(amp_mode, **kwargs)`
-                    amp_mode: str | AMPMode = AMPMode.FP16,  # 'fp16' (float16 with a GradScaler) or 'bf16' (no scaler)
-                    auto: bool = False,         # time both layouts on the first training steps and keep the faster one
-                    **kwargs                    # fp16 GradScaler settings (init_scale, growth_factor, backoff_factor, growth_interval, enabled) and max_grad_norm, as `MixedPrecision` takes them
-                   ) -> Learner:
+                    use_amp: bool = True,           # also train in mixed precision: one `MixedPrecision(amp_mode, **kwargs)`
+                    amp_mode: str | AMPMode = 'fp16',  # 'fp16' (float16 with a GradScaler) or 'bf16' (no scaler)
+                    auto: bool = False,             # time both layouts on the first training steps and keep the faster one
+                    **kwargs) -> Learner:
     "Train in channels-last: exactly one `ChannelsLast`, and with `use_amp` exactly one `MixedPrecision` as asked"
     # Check everything and build the new callbacks before changing anything: a bad call leaves the learner as it was
     for k, v in (('use_amp', use_amp), ('auto', auto)):

@@ -416,11 +416,12 @@ def added_cbs(self: Learner, cbs):
 @patch
 @contextlib.contextmanager
 def removed_cbs(self: Learner, cbs):
-    "Context manager: detach `cbs` inside the block, attach them again after"
-    cbs = _as_list(cbs)
-    self.remove_cbs(cbs)
+    "Context manager: detach `cbs` (instances or classes) inside the block, attach the same instances again after"
+    wanted = _as_list(cbs)
+    removed = [c for c in self.cbs if any(c is w or (isinstance(w, type) and isinstance(c, w)) for w in wanted)]
+    self.remove_cbs(removed)
     try: yield self
-    finally: self.add_cbs(cbs)
+    finally: self.add_cbs(removed)
 
 # %% ../nbs/01_learner.ipynb #057c75c4
 @patch

@@ -127,3 +127,12 @@ def test_save_load_roundtrip_real_file(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]['exp_avg'], sb[k]['exp_avg']) for k in sa)
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         other.load('missing')
+
+
+def test_removed_cbs_by_class_restores_the_same_instances():
+    learn = small_learner()
+    rec = learn.recorder
+    rec.losses.append(1.5)
+    with learn.removed_cbs(Recorder):
+        assert not any(isinstance(c, Recorder) for c in learn.cbs)
+    assert learn.recorder is rec and rec.losses[-1] == 1.5

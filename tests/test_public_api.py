@@ -1,0 +1,37 @@
+"The names DESIGN.md promises are importable from `channelslast_cb.all`, and the three user lines work."
+import torch.nn.functional as F
+
+import channelslast_cb.all as cl
+
+DESIGN_NAMES = """EVENTS event Callback CancelFitException CancelEpochException CancelTrainException CancelValidException
+CancelBatchException CancelStepException CancelBackwardException Learner DataLoaders TrainEvalCallback Recorder
+ProgressCallback accuracy error_rate AMPMode MixedPrecision ChannelsLast to_channels_last layout_report LayoutReport
+bench_models DistributedTrainer""".split()
+
+
+def test_design_names_are_exported():
+    missing = [n for n in DESIGN_NAMES if not hasattr(cl, n)]
+    assert missing == []
+    for meth in ('fit', 'fit_one_cycle', 'validate', 'get_preds', 'add_cb', 'add_cbs', 'remove_cb', 'remove_cbs',
+                 'added_cbs', 'removed_cbs', 'save', 'load', 'show_training_loop', 'to_fp16', 'to_bf16', 'to_fp32',
+                 'to_channelslast', 'to_contiguous', 'layout_report'):
+        assert callable(getattr(cl.Learner, meth)), meth
+
+
+def test_callback_names():
+    assert cl.ChannelsLast().name == 'channels_last'
+    assert cl.MixedPrecision().name == 'mixed_precision'
+
+
+def test_the_three_user_lines():
+    from helpers import synth_images, tiny_cnn
+    dls = cl.DataLoaders.from_tensors(synth_images(16), valid=synth_images(8, seed=1), bs=8)
+    model = tiny_cnn()
+    learn = cl.Learner(dls, model, loss_func=F.cross_entropy, cbs=cl.ChannelsLast(), progress=False)
+    assert learn.to_channelslast() is learn
+    assert [type(c).__name__ for c in learn.cbs if isinstance(c, (cl.ChannelsLast, cl.MixedPrecision))] == \
+        ['ChannelsLast', 'MixedPrecision']
+    assert learn.mixed_precision.amp_mode is cl.AMPMode.FP16
+    assert learn.to_contiguous(to_fp32=True) is learn
+    assert not any(isinstance(c, (cl.ChannelsLast, cl.MixedPrecision)) for c in learn.cbs)
+    assert model[0].weight.is_contiguous()

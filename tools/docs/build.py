@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,14 @@ def json_str(line: str) -> str:
 def proc(force: bool = False, n_workers: int | None = None) -> Path:
     "Run nbdev's `proc_nbs` over nbs/ into _proc/ (as `nbdev-proc-nbs` does, without its Quarto set-up)"
     from fastcore.basics import defaults
+    from nbdev.config import get_config
     from nbdev.serve import proc_nbs
+    # nbdev's cache knows only the notebook's own date; `#| exec_doc` cells read the world (a committed plot,
+    # this machine), so their notebooks are processed every time
+    cfg = get_config()
+    for nb in cfg.nbs_path.rglob('*.ipynb'):
+        if re.search(r'#\|\s*exec_doc', nb.read_text(encoding='utf-8')):
+            (cfg.config_path / '_proc' / nb.relative_to(cfg.nbs_path)).unlink(missing_ok=True)
     try: return proc_nbs(force=force, n_workers=n_workers or defaults.cpus)
     except Exception as e:
         lines = [l.strip() for l in str(e).splitlines()[1:-1] if l.strip() and not l.startswith('#|')]

@@ -21,7 +21,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .channelslast import to_channels_last
 from .fp16 import AMPMode, MixedPrecision, check_amp_support
-from .learner import Learner, to_device
+from .learner import Learner, model_device, to_device
 
 # %% auto #0
 __all__ = ['layout_of', 'LayoutReport', 'layout_report']
@@ -328,11 +328,6 @@ def _channels_last_model(model: nn.Module, copy: bool):
         for m, t in modes: m.training = t
 
 # %% ../nbs/04_audit.ipynb #58fb22f2
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device('cpu')
-
-
 def _float32(o):
     "Cast float16/bfloat16 tensors in `o` to float32, as `MixedPrecision` does with predictions"
     if isinstance(o, torch.Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
@@ -358,7 +353,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
                  ) -> LayoutReport:
     "Run `model` once in channels-last on `x` and report per module where the memory format breaks and copies happen"
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = _model_device(model)
+    device = model_device(model)
     mode = None if amp is None else check_amp_support(amp, device)
     xb = to_channels_last(to_device(x if isinstance(x, tuple) else (x,), device))
     with _channels_last_model(model, copy) as m:

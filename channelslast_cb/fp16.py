@@ -18,7 +18,7 @@ from fastcore.meta import delegates
 from fastcore.basics import patch
 
 from .core import Callback, CancelStepException
-from .learner import Learner
+from .learner import Learner, model_device
 
 # %% auto #0
 __all__ = ['AMPMode', 'check_amp_support', 'MixedPrecision']
@@ -154,11 +154,6 @@ class _StepProbe:
     def step(self, *args, **kwargs): self.stepped = True
 
 
-def _model_device(learn) -> torch.device:
-    p = next(learn.model.parameters(), None)
-    return p.device if p is not None else learn.device
-
-
 def _has_grads(opt) -> bool:
     return any(p.grad is not None for g in opt.param_groups for p in g['params'])
 
@@ -238,7 +233,8 @@ class MixedPrecision(Callback):
         self.scaler.load_state_dict({**state, **keep})
 
     def before_fit(self):
-        learn, device = self.learn, _model_device(self.learn)
+        learn = self.learn
+        device = model_device(learn.model, learn.device)
         check_amp_support(self.amp_mode, device)
         if self.amp_mode is AMPMode.FP16:
             if self._unscaled: self._close_step()  # the last fit died between before_step and after_step

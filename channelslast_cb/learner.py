@@ -26,7 +26,7 @@ from channelslast_cb.core import (
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
-           'ProgressCallback', 'cos_anneal', 'OneCycleScheduler', 'Learner', 'GatherPreds']
+           'ProgressCallback', 'cos_anneal', 'OneCycleScheduler', 'Learner', 'model_device', 'GatherPreds']
 
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
@@ -327,7 +327,7 @@ class Learner:
             if not callable(m): raise TypeError(f"each metric must be a function (pred, targ) -> tensor, got {m!r}")
         self.dls, self.loss_func, self.opt_func, self.lr, self.wd = dls, loss_func, opt_func, lr, wd
         self.metrics, self.path, self.model_dir = metrics, Path(path), Path(model_dir)
-        self.device = torch.device(device) if device is not None else dls.device or _model_device(model)
+        self.device = torch.device(device) if device is not None else dls.device or model_device(model)
         self.model = model.to(self.device)
         self.opt, self.training, self.fitting, self.epoch, self.n_epoch = None, False, False, 0, 1
         self.iter, self.n_iter, self.n_iter_known, self.pct_train, self.train_iter = 0, 0, False, 0., 0
@@ -341,9 +341,10 @@ class Learner:
         self('after_create')
 
 # %% ../nbs/01_learner.ipynb #545178eb
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch.device:
+    "The device of `model`'s first parameter (`default` for a model without parameters)"
     p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device('cpu')
+    return p.device if p is not None else torch.device(default)
 
 
 def _as_list(cbs) -> list:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import synth_images, tiny_cnn
+from helpers import synth_images, tiny_cnn_no_conv_bias
 
 from channelslast_cb.channelslast import CHANNELS_LAST, CONTIGUOUS, ChannelsLast
 from channelslast_cb.core import Callback
@@ -20,14 +20,7 @@ from channelslast_cb.learner import DataLoaders, Learner
 CL = torch.channels_last
 
 
-def cnn(seed=0):
-    """`tiny_cnn` without the bias of the convolution that feeds BatchNorm. BatchNorm cancels that bias, so its true
-    gradient is 0 and what backward computes is rounding noise, different in each layout; Adam's normalised step
-    turns any such noise into a step of about `lr`, so that one parameter would differ by ~lr per step between two
-    runs that agree everywhere else to 1e-8. (It is dead weight in the model anyway.)"""
-    m = tiny_cnn(seed=seed)
-    m[0].register_parameter('bias', None)
-    return m
+cnn = tiny_cnn_no_conv_bias
 WINDOW = dict(warmup=1, block=2, rounds=2)  # 2 rounds x 2 layouts x (1 + 2) = 12 measuring steps
 N_WINDOW = 12
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import synth_images, tiny_cnn
+from helpers import synth_images, tiny_cnn, tiny_cnn_no_conv_bias
 
 from channelslast_cb.channelslast import (
     CHANNELS_LAST, ChannelsLast, ChannelsLastWarning, match_opt_state_layout, to_channels_last, to_contiguous_format)
@@ -24,14 +24,7 @@ from channelslast_cb.learner import DataLoaders, Learner
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 
 
-def cnn(seed=0):
-    """`tiny_cnn` without the bias of the convolution that feeds BatchNorm. BatchNorm cancels that bias, so its true
-    gradient is 0 and what backward computes is rounding noise, different in each layout; Adam's normalised step
-    turns any such noise into a step of about `lr`, so that one parameter would differ by ~lr per step between two
-    runs that agree everywhere else to 1e-8. (It is dead weight in the model anyway.)"""
-    m = tiny_cnn(seed=seed)
-    m[0].register_parameter('bias', None)
-    return m
+cnn = tiny_cnn_no_conv_bias
 # fp16 autocast on a CPU without native fp16 is slow (fp16.py warns once); it is still correct, and tiny here
 pytestmark = pytest.mark.filterwarnings('ignore:fp16 mixed precision on this CPU:RuntimeWarning')
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from .core import Callback
-from .learner import GatherPreds, Learner, ProgressCallback
+from .learner import GatherPreds, Learner, ProgressCallback, model_device
 
 # %% auto #0
 __all__ = ['rank_distrib', 'num_distrib', 'setup_distrib', 'teardown_distrib', 'DistributedBatches', 'SizedDistributedBatches',
@@ -195,11 +195,6 @@ def _set_epoch(dl, epoch: int):
 _DDP_ARGS = frozenset(inspect.signature(DistributedDataParallel).parameters) - {'module', 'device_ids', 'output_device'}
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device('cpu')
-
-
 def _require_group(who: str):
     if _initialized(): return
     if all(v in os.environ for v in _TORCHRUN_VARS):
@@ -213,7 +208,7 @@ class DistributedTrainer(Callback):
     "Train with `DistributedDataParallel`: wrap the model, shard the batches, report the same results on every rank"
     order = 11  # after every callback that converts the model in before_fit (ChannelsLast -1, MixedPrecision 10):
                 # DDP builds its gradient buckets from the parameters as they are when it wraps them;
-                # before Recorder (50), which turns the validation sums reduced here into the epoch's results
+                # before Recorder (50), whose per-step losses it checks the ranks agree on before they are summed
 
     def __init__(self,
                  sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only: torch's SyncBatchNorm needs GPUs)
@@ -226,7 +221,7 @@ class DistributedTrainer(Callback):
                             f"take; it takes {', '.join(sorted(_DDP_ARGS))}")
         self.sync_bn, self.seed, self.ddp_kwargs = sync_bn, seed, ddp_kwargs
         self.owns_group = False  # set by `Learner.to_distributed` when it created the process group
-        self._plain = self._wrapped = self._dls = self._muted_rec = None
+        self._plain = self._wrapped = self._dls = self._muted_rec = self._reducing = None
         self._muted_bars, self._epochs, self._valid_split, self._valid_cache = [], 0, False, None
 
     @property
@@ -240,9 +235,11 @@ class DistributedTrainer(Callback):
         self._rank, self._world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self._valid_split = False
         if self._rank != 0: self._mute()
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is not None: rec.reduce, self._reducing = self._all_reduce, rec  # results of all ranks, on every rank
         if not self.learn.fitting: return  # validate/get_preds: no DDP needed, validation is split in before_validate
         model = self.learn.model
-        dev = _device_of(model)
+        dev = model_device(model)
         if dist.get_backend(self.group) == 'nccl' and dev.type != 'cuda':
             raise ValueError(f"The process group uses nccl, which only moves CUDA tensors, but the model is on {dev}: "
                              f"use a gloo process group on CPU (setup_distrib picks it from the device)")
@@ -289,31 +286,22 @@ class DistributedTrainer(Callback):
 
     def after_validate(self):
         if self._wrapped is not None: self.learn.model = self._wrapped
-        if not self._valid_split: return
-        rec = self.learn.recorder
-        t = torch.stack([rec._vsum.double(), *(m.double() for m in rec._msum),
-                         torch.tensor(float(rec._vn), dtype=torch.float64, device=rec._vsum.device)])
-        dist.all_reduce(t, group=self.group)
-        rec._vsum, rec._msum, rec._vn = t[0], list(t[1:-1]), int(t[-1].item())
 
     def after_epoch(self):
-        if self._plain is None: return
-        rec = self.learn.recorder
-        rec._flush()
-        losses, bss = rec.losses[rec._ep_start:], rec._ep_bs
-        n = torch.tensor([len(losses), -len(losses)], dtype=torch.float64, device=self.learn.device)
+        # the Recorder (order 50) sums each step's loss over the ranks next: every rank must have the same steps
+        rec = getattr(self.learn, 'recorder', None)
+        if self._plain is None or rec is None: return
+        k = rec.n_epoch_steps
+        n = torch.tensor([k, -k], dtype=torch.float64, device=self.learn.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
         if n[0] != -n[1]:
             raise RuntimeError(f"The ranks ran different numbers of training batches this epoch (from {int(-n[1])} to "
                                f"{int(n[0])}): a callback cancelled batches on some ranks only. All ranks must run "
                                f"the same batches, or DDP waits forever.")
-        if not losses: return
-        bs = torch.tensor(bss, dtype=torch.float64, device=self.learn.device)
-        t = torch.cat([torch.tensor(losses, dtype=torch.float64, device=bs.device) * bs, bs])
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, group=self.group)
-        k = len(losses)
-        rec.losses[rec._ep_start:] = (t[:k] / t[k:]).tolist()
-        rec._ep_bs[:] = [int(b) for b in t[k:].tolist()]  # the global batch size of each step
+        return t
 
     def after_fit(self): self._restore()
 
@@ -331,6 +319,7 @@ class DistributedTrainer(Callback):
         if self._plain is not None: learn.model, self._plain, self._wrapped = self._plain, None, None
         if self._dls is not None: learn.dls, self._dls = self._dls, None
         if self._muted_rec is not None: self._muted_rec.print_table, self._muted_rec = True, None
+        if self._reducing is not None: self._reducing.reduce, self._reducing = None, None
         if self._muted_bars: learn.add_cbs(self._muted_bars); self._muted_bars = []
 
 # %% ../nbs/06_distributed.ipynb #85f515ca

@@ -132,6 +132,7 @@ class Recorder(Callback):
         self.print_table = print_table
         self.losses, self.lrs, self.values, self.extra_cols = [], [], [], {}
         self._pending, self._pending_bs, self._valid, self._header_done = [], [], None, False
+        self.reduce = None  # `reduce(t) -> t`: sums a float64 tensor over the processes of a distributed run
 
     @property
     def metric_names(self) -> list[str]:
@@ -181,8 +182,26 @@ class Recorder(Callback):
         self._msum = [torch.zeros((), device=self.learn.device) for _ in self.learn.metrics]
 
     def after_validate(self):
-        if self._vn == 0: return
-        self._valid = [(self._vsum / self._vn).item(), *((s / self._vn).item() for s in self._msum)]
+        t = torch.stack([self._vsum.double(), *(s.double() for s in self._msum),
+                         torch.tensor(float(self._vn), dtype=torch.float64, device=self._vsum.device)])
+        if self.reduce is not None: t = self.reduce(t)  # the whole validation set's sums, on every process
+        sums, n = t[:-1].tolist(), t[-1].item()
+        if n: self._valid = [v / n for v in sums]
+
+    @property
+    def n_epoch_steps(self) -> int:
+        "Training steps recorded so far in this epoch"
+        return len(self.losses) - self._ep_start + len(self._pending)
+
+    def _reduce_epoch_losses(self):
+        "Make each step's loss this epoch the mean over all processes' batches (weighted by their sizes)"
+        k = len(self.losses) - self._ep_start
+        if not k: return
+        bs = torch.tensor(self._ep_bs, dtype=torch.float64, device=self.learn.device)
+        t = torch.cat([torch.tensor(self.losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
+        t = self.reduce(t)
+        self.losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
+        self._ep_bs = [int(b) for b in t[k:].tolist()]  # the global batch size of each step
 
     @property
     def final_record(self) -> list[float] | None:
@@ -191,6 +210,7 @@ class Recorder(Callback):
 
     def after_epoch(self):
         self._flush()
+        if self.reduce is not None: self._reduce_epoch_losses()
         if not self.learn.fitting: return
         ep_losses, ep_bs = self.losses[self._ep_start:], self._ep_bs
         train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .fp16 import AMPMode, _cpu_native
@@ -214,6 +214,22 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.float(), y) if out.dim() == 2 else out.float().square().mean()
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    "FLOPs of a convolution's backward: each gradient asked for (input, weight) costs what the forward did"
+    return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+# torch's own formula counts the weight gradient of a grouped convolution `groups` times over (a depthwise
+# convolution's `channels` times): EfficientNet-B0's training step came out at 40x its forward instead of ~3x
+_FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+
+
+def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    "First and third quartile of `xs` (both `xs[0]` for a single value)"
+    return (xs[0], xs[0]) if len(xs) < 2 else tuple(statistics.quantiles(xs, n=4, method='inclusive')[::2])
+
+
 class BenchRunner:
     "Time `model` in every `layout` × `precision`, round-robin over `repeats` rounds of `steps` steps"
     mode = ''
@@ -272,6 +288,7 @@ class BenchRunner:
         med = statistics.median(t)
         base = times.get(('contiguous', 'fp32'))
         ratios = [b / x for b, x in zip(base, t)] if base else None  # paired: the same round
+        q1, q3 = _quartiles(ratios) if ratios else (None, None)
         tflops = self.flops / med / 1e12
         peak = peaks.get(precision)
         return dict(model=self.name, source=self.source, mode=self.mode, layout=layout, precision=precision,
@@ -279,9 +296,9 @@ class BenchRunner:
                     steps=steps, repeats=repeats, samples_per_s=self.batch_size / med, step_ms=med * 1e3,
                     step_ms_min=min(t) * 1e3, step_ms_max=max(t) * 1e3, spread_pct=100 * (max(t) - min(t)) / med,
                     speedup=statistics.median(ratios) if ratios else None,
-                    speedup_min=min(ratios) if ratios else None, speedup_max=max(ratios) if ratios else None,
-                    gflop_per_step=self.flops / 1e9, tflops=tflops, peak_tflops=peak,
-                    pct_peak=100 * tflops / peak if peak else None, params_m=self.params / 1e6)
+                    speedup_q1=q1, speedup_q3=q3, gflop_per_step=self.flops / 1e9, tflops=tflops, peak_tflops=peak,
+                    pct_peak=100 * tflops / peak if peak else None, params_m=self.params / 1e6,
+                    round_ms=[x * 1e3 for x in t])  # the raw numbers (JSON only)
 
 
 class TrainRunner(BenchRunner):
@@ -297,7 +314,7 @@ class TrainRunner(BenchRunner):
     def count_flops(self) -> int:
         layout = next(iter(self.models))
         model, x = self.models[layout], self.inputs[layout]
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as fc:
             out = _logits(model(x))
             if self.y is None: self.y = self._targets(out)
             _loss(out, self.y).backward()
@@ -331,7 +348,7 @@ class InferRunner(BenchRunner):
 
     def count_flops(self) -> int:
         layout = next(iter(self.models))
-        with FlopCounterMode(display=False) as fc, torch.inference_mode(): self.models[layout](self.inputs[layout])
+        with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as fc, torch.inference_mode(): self.models[layout](self.inputs[layout])
         return fc.get_total_flops()
 
     def _step(self, layout, precision):
@@ -404,7 +421,7 @@ def bench_models(models: Sequence[str | nn.Module], **kwargs) -> list[dict]:
 
 # %% ../nbs/05_bench.ipynb #96c3142e
 COLUMNS = ('model', 'source', 'mode', 'layout', 'precision', 'device', 'batch_size', 'img_size', 'steps', 'repeats',
-           'samples_per_s', 'step_ms', 'step_ms_min', 'step_ms_max', 'spread_pct', 'speedup', 'speedup_min', 'speedup_max',
+           'samples_per_s', 'step_ms', 'step_ms_min', 'step_ms_max', 'spread_pct', 'speedup', 'speedup_q1', 'speedup_q3',
            'gflop_per_step',
            'tflops', 'peak_tflops', 'pct_peak', 'params_m')
 
@@ -485,8 +502,8 @@ def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_mod
             if not pts: continue
             xs, rs = zip(*pts)
             ys = [r['speedup'] for r in rs]
-            lo = [min(y, r.get('speedup_min') or y) for r, y in zip(rs, ys)]
-            hi = [max(y, r.get('speedup_max') or y) for r, y in zip(rs, ys)]
+            lo = [min(y, r.get('speedup_q1') or y) for r, y in zip(rs, ys)]
+            hi = [max(y, r.get('speedup_q3') or y) for r, y in zip(rs, ys)]
             ax.bar(xs, ys, width * 0.92, color=_COLORS[layout, prec], edgecolor='#333333', linewidth=0.5,
                    label=f"{layout.replace('_', '-')} {prec}")
             ax.errorbar(xs, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]], fmt='none',
@@ -508,7 +525,7 @@ def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_mod
         r0 = rows[0]
         title = (f"channelslast-bench on {device_name(r0['device'])} ({r0['device']}, {torch.get_num_threads()} threads)\n"
                  f"batch {r0['batch_size']}, {r0['img_size']}x{r0['img_size']} px; bar: median of {r0['repeats']} "
-                 f"rounds x {r0['steps']} steps, whiskers: min-max over rounds")
+                 f"rounds x {r0['steps']} steps, whiskers: quartiles over rounds")
     fig.suptitle(title, fontsize=10)
     if path is not None:
         path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)

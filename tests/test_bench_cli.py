@@ -3,6 +3,7 @@
 numbers only have to be there, positive, and the reference speed-up exactly 1."""
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from itertools import product
@@ -50,7 +51,7 @@ def test_cli_csv_rows_and_columns(e2e):
         for k in ('samples_per_s', 'step_ms', 'speedup', 'gflop_per_step', 'tflops', 'peak_tflops', 'pct_peak'):
             assert float(r[k]) > 0, (k, r)
         assert float(r['step_ms_min']) <= float(r['step_ms']) <= float(r['step_ms_max'])
-        assert float(r['speedup_min']) <= float(r['speedup']) <= float(r['speedup_max'])
+        assert float(r['speedup_q1']) <= float(r['speedup']) <= float(r['speedup_q3'])
 
 
 def test_cli_json_matches_csv(e2e):
@@ -60,6 +61,8 @@ def test_cli_json_matches_csv(e2e):
     assert len(d['rows']) == len(csv_rows) == len(MODELS) * len(LAYOUTS) * len(supported_precisions('cpu'))
     assert [r['speedup'] for r in d['rows']] == pytest.approx([float(r['speedup']) for r in csv_rows])
     meta = d['meta']
+    for r in d['rows']:  # the raw per-round step times, whose median is the step time
+        assert len(r['round_ms']) == 2 and statistics.median(r['round_ms']) == pytest.approx(r['step_ms'])
     assert meta['device'] == 'cpu' and meta['threads'] == 1  # --threads took effect
     assert sorted(meta['matmul_peak_tflops']) == sorted(supported_precisions('cpu'))
     assert all(v > 0 for v in meta['matmul_peak_tflops'].values())

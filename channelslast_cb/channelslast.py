@@ -93,7 +93,8 @@ def to_contiguous_format(obj):
 # %% ../nbs/03_channelslast.ipynb #4f7de6de
 def match_opt_state_layout(opt):
     "Give each 4-D/5-D optimizer state tensor shaped like its parameter (Adam's moments) that parameter's strides"
-    state = getattr(opt, 'state', None)
+    inner = getattr(opt, 'opt', None)  # fastai's OptimWrapper keeps the torch optimizer, and its state, in `.opt`
+    state = getattr(inner if isinstance(inner, torch.optim.Optimizer) else opt, 'state', None)
     if not isinstance(state, Mapping): return opt  # an optimizer without per-parameter state: nothing to convert
     with torch.no_grad():
         for p, st in state.items():

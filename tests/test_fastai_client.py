@@ -134,3 +134,18 @@ def test_fastai_optimizer_state_follows_the_weights():
     with learn.no_logging(): learn.fit(1, lr=1e-2)
     st = learn.opt.state[w]
     assert is_cl(w) and is_cl(st['grad_avg']) and is_cl(st['sqr_avg'])
+
+
+def test_match_opt_state_layout_reaches_into_fastai_optimwrapper():
+    "fastai's OptimWrapper keeps the torch optimizer in `.opt`: its Adam moments must follow the weights' layout."
+    from fastai.optimizer import OptimWrapper
+    from channelslast_cb.channelslast import match_opt_state_layout, to_channels_last
+    conv = torch.nn.Conv2d(3, 4, 3)
+    opt = OptimWrapper(conv.parameters(), opt=torch.optim.Adam)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    to_channels_last(conv)
+    match_opt_state_layout(opt)
+    st = opt.opt.state[conv.weight]
+    assert st['exp_avg'].is_contiguous(memory_format=torch.channels_last)
+    assert st['exp_avg_sq'].is_contiguous(memory_format=torch.channels_last)

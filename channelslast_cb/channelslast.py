@@ -145,8 +145,8 @@ class ChannelsLast(Callback):
     def __init__(self,
                  auto: bool = False,  # time both layouts on the first training steps and keep the faster one
                  warmup: int = 2,     # auto: steps after each layout switch that are not timed
-                 block: int = 4,      # auto: timed steps per block (blocks of the two layouts alternate)
-                 rounds: int = 2,     # auto: blocks per layout
+                 block: int = 2,      # auto: timed steps per block (blocks of the two layouts alternate)
+                 rounds: int = 4,     # auto: blocks per layout
                  **handlers):         # extra event handlers, as for any `Callback`
         super().__init__(**handlers)
         if not isinstance(auto, bool): raise TypeError(f"auto must be True or False, got {auto!r}")
@@ -257,10 +257,13 @@ def _auto_after_step(self: ChannelsLast):
 @patch
 def _decide(self: ChannelsLast):
     med = {k: statistics.median(v) for k, v in self.times.items()}
-    ratio = med[CONTIGUOUS] / med[CHANNELS_LAST]
+    b = self.block  # each round timed `block` steps per layout, in order: pair the two blocks of each round
+    ratios = [statistics.median(self.times[CONTIGUOUS][r * b:(r + 1) * b]) /
+              statistics.median(self.times[CHANNELS_LAST][r * b:(r + 1) * b]) for r in range(self.rounds)]
+    ratio = statistics.median(ratios)
     layout = CHANNELS_LAST if ratio >= 1 else CONTIGUOUS
-    self.decision = dict(layout=layout, ratio=ratio, times={k: list(v) for k, v in self.times.items()}, median=med,
-                         steps=len(self._plan))
+    self.decision = dict(layout=layout, ratio=ratio, round_ratios=ratios, times={k: list(v) for k, v in self.times.items()},
+                         median=med, steps=len(self._plan))
     self._plan = None
     self.set_layout(layout)
     self._log(f"ChannelsLast(auto): channels-last runs at {ratio:.3f}x the speed of contiguous (median step "

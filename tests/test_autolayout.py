@@ -62,8 +62,10 @@ def test_auto_picks_a_layout_logs_it_and_keeps_it():
     assert d['layout'] in (CHANNELS_LAST, CONTIGUOUS) and d['steps'] == N_WINDOW
     assert {k: len(v) for k, v in d['times'].items()} == {CHANNELS_LAST: 4, CONTIGUOUS: 4}
     assert all(t > 0 for v in d['times'].values() for t in v)
-    med = {k: statistics.median(v) for k, v in d['times'].items()}
-    assert math.isclose(d['ratio'], med[CONTIGUOUS] / med[CHANNELS_LAST])
+    t, b = d['times'], WINDOW['block']  # the decision pairs the two layouts' blocks of each round
+    paired = [statistics.median(t[CONTIGUOUS][r * b:(r + 1) * b]) / statistics.median(t[CHANNELS_LAST][r * b:(r + 1) * b])
+              for r in range(WINDOW['rounds'])]
+    assert d['round_ratios'] == paired and math.isclose(d['ratio'], statistics.median(paired))
     assert d['layout'] == (CHANNELS_LAST if d['ratio'] >= 1 else CONTIGUOUS)  # consistent with its own measurement
     msg = [m for m in learn.logged if 'ChannelsLast(auto)' in m]
     assert len(msg) == 1 and f"{d['ratio']:.3f}x" in msg[0] and f"keeping {d['layout']}" in msg[0]
@@ -124,7 +126,7 @@ def test_auto_trains_like_a_fixed_layout():
 def test_auto_with_bf16_mixed_precision():
     learn = make_learner().to_channelslast(amp_mode='bf16', auto=True)
     assert learn.channels_last.auto and learn.mixed_precision.amp_mode.value == 'bf16'
-    assert learn.channels_last._plan is not None and len(learn.channels_last._plan) == 24  # the default window
+    assert learn.channels_last._plan is not None and len(learn.channels_last._plan) == 32  # the default window
     learn = make_learner([ChannelsLast(auto=True, **WINDOW), MixedPrecision('bf16')])
     dtypes = []
     learn.model[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
@@ -179,7 +181,7 @@ def test_fixed_layout_path_has_no_auto_bookkeeping():
 
 
 def test_to_channelslast_auto_keeps_a_decision_and_can_measure_afresh():
-    learn = make_learner(n_batches=26).to_channelslast(use_amp=False, auto=True)
+    learn = make_learner(n_batches=34).to_channelslast(use_amp=False, auto=True)  # the default window is 32 steps
     learn.fit(1)
     cb, d = learn.channels_last, learn.channels_last.decision
     assert d is not None

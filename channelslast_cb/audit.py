@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .channelslast import to_channels_last
-from .fp16 import AMPMode, MixedPrecision, check_amp_support
+from .fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
 from .learner import Learner, model_device, to_device
 
 # %% auto #0
@@ -328,14 +328,6 @@ def _channels_last_model(model: nn.Module, copy: bool):
         for m, t in modes: m.training = t
 
 # %% ../nbs/04_audit.ipynb #58fb22f2
-def _float32(o):
-    "Cast float16/bfloat16 tensors in `o` to float32, as `MixedPrecision` does with predictions"
-    if isinstance(o, torch.Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
-    if isinstance(o, (tuple, list)): return type(o)(_float32(v) for v in o)
-    if isinstance(o, dict): return {k: _float32(v) for k, v in o.items()}
-    return o
-
-
 def _sum_loss(out) -> torch.Tensor:
     ts = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
     if not ts: raise ValueError("backward=True needs a model output that requires grad, and this model returned none "
@@ -368,7 +360,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
             with torch.set_grad_enabled(backward), _Ops(audit), labels:
                 with autocast: out = m(*xb)
                 if backward:
-                    out = _float32(out)
+                    out = _to_float32(out)  # as MixedPrecision does with predictions
                     loss = loss_func(out) if loss_func is not None else _sum_loss(out)
                     loss.backward()
         except Exception as e:

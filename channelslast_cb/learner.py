@@ -683,13 +683,19 @@ def _item_losses(self: Learner) -> torch.Tensor:
 
 
 @patch
+def _validate_session(self: Learner, dl):
+    "One epoch of validation on `dl`, inside the fit events (so ChannelsLast/MixedPrecision apply), history kept"
+    self._session(lambda: self._with_events(lambda: self._do_epoch_validate(dl), 'epoch', CancelEpochException),
+                  1, fitting=False)
+
+
+@patch
 def validate(self: Learner, ds_idx: int = 1, dl=None, cbs=None) -> list[float]:
     "Loss and metrics on `dl` (default: the validation set), as `[valid_loss, *metrics]`"
     dl = self.dls[ds_idx] if dl is None else dl
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or validate(dl=...)")
     with self.added_cbs(cbs):
-        self._session(lambda: self._with_events(lambda: self._do_epoch_validate(dl), 'epoch', CancelEpochException),
-                      1, fitting=False)
+        self._validate_session(dl)
     return self.recorder.final_record
 
 
@@ -701,8 +707,7 @@ def get_preds(self: Learner, ds_idx: int = 1, dl=None, with_input: bool = False,
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or get_preds(dl=...)")
     gather = GatherPreds(with_input, with_loss, act)
     with self.added_cbs([gather, *_as_list(cbs)]):
-        self._session(lambda: self._with_events(lambda: self._do_epoch_validate(dl), 'epoch', CancelEpochException),
-                      1, fitting=False)
+        self._validate_session(dl)
     res = (_cat(gather.preds), _cat(gather.targs))
     if with_input: res = (_cat(gather.inputs),) + res
     if with_loss: res = res + (_cat(gather.losses),)

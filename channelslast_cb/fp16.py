@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import copy
 import platform
+import statistics
+import time
 import warnings
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
 import torch
 from fastcore.meta import delegates
 from fastcore.basics import patch
+from torch import nn
 
 from .core import Callback, CancelStepException
 from .learner import Learner, model_device
 
 # %% auto #0
-__all__ = ['AMPMode', 'check_amp_support', 'MixedPrecision']
+__all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'AMPMode', 'cpu_native', 'autocast_supported', 'AMPSpeedWarning', 'AMPSpeed',
+           'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed', 'check_amp_support',
+           'SkippedStepsWarning', 'MixedPrecision']
 
 # %% ../nbs/02_fp16.ipynb #33f47e74
 class AMPMode(str, Enum):
@@ -45,13 +51,13 @@ class AMPMode(str, Enum):
     def __format__(self, spec): return format(self.value, spec)
 
 # %% ../nbs/02_fp16.ipynb #6928eec0
-_warned: set = set()  # (device type, mode) pairs already warned about in this process
+_warned: set = set()  # keys of the warnings already given in this process (see `_warn_once`)
 
 
-def _warn_once(key, msg: str):
+def _warn_once(key, msg: str, category: type[Warning] = RuntimeWarning):
     if key in _warned: return
     _warned.add(key)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, category, stacklevel=3)
 
 
 def _cuda_native_bf16(device: torch.device) -> bool:
@@ -59,8 +65,8 @@ def _cuda_native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def _cpu_native(dtype: torch.dtype) -> bool | None:
-    "Whether this CPU has native `dtype` arithmetic for oneDNN; None when this torch cannot tell"
+def cpu_native(dtype: torch.dtype) -> bool | None:
+    "Whether this CPU's flags promise native `dtype` arithmetic to oneDNN; None when this torch cannot tell"
     try:
         if dtype is torch.float16: return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
         if platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686'):
@@ -69,10 +75,157 @@ def _cpu_native(dtype: torch.dtype) -> bool | None:
     except (AttributeError, RuntimeError): return None
 
 
+def autocast_supported(amp_mode: str | AMPMode,  # 'fp16' or 'bf16'
+                       device_type: str          # 'cpu', 'cuda', ...
+                      ) -> tuple[bool, str]:
+    "Whether `torch.autocast(device_type)` really computes in `amp_mode`'s dtype, and what torch said if not"
+    mode = AMPMode(amp_mode)
+    if not torch.amp.is_autocast_available(device_type): return False, f'no autocast on device type {device_type!r}'
+    # torch switches autocast off, with a mere warning, for a dtype the device does not support: catch that here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        with torch.autocast(device_type, dtype=mode.dtype):
+            on = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == mode.dtype
+    return on, '' if on else (' '.join(str(w.message) for w in caught) or 'nothing')
+
+# %% ../nbs/02_fp16.ipynb #a9e1c0d1
+AMP_SLOW_RATIO = 2.  # a mode whose probe step costs more than this many fp32 steps "trains much slower than fp32"
+
+
+class AMPSpeedWarning(RuntimeWarning):
+    "A mixed precision mode measured much slower than fp32 on this device (silence it with `warnings.simplefilter`)"
+
+
+@dataclass(frozen=True)
+class AMPSpeed:
+    "What `measure_amp_speed` found for `mode` on `device_type`: its training step time over fp32's"
+    device_type: str             # where it was measured: 'cpu'
+    mode: AMPMode                # the mode measured
+    ratio: float                 # median over paired rounds of (mode's step time / fp32's); above 1: slower than fp32
+    native: bool | None = None   # what the CPU's flags promise (`cpu_native`); None: unknown. Information only
+    capped: bool = False         # the probe stopped early because the mode was clearly slow: `ratio` is a lower bound
+    seconds: float = 0.          # how long the probe took (wall clock)
+
+    @property
+    def slow(self) -> bool:
+        "Whether the mode trains much slower than fp32: `ratio` above `AMP_SLOW_RATIO`"
+        return self.ratio > AMP_SLOW_RATIO
+
+    def __str__(self):
+        return (f"{self.mode} on {self.device_type}: {'at least ' if self.capped else ''}{self.ratio:.2f}x fp32's step "
+                f"time{' (slow)' if self.slow else ''}, flags say native: {self.native}")
+
+
+# (batch, channels, pixels) of the probe's convolution: the tiny one first catches a pathological mode in a few
+# milliseconds; the second, with enough work per step to outweigh autocast's fixed costs, gives the ratio
+_PROBE_SIZES = ((1, 16, 8), (2, 64, 16))
+
+
+def _probe_clock():
+    "CPU time of this thread (other processes' load does not count), if the platform measures it finely"
+    try:
+        if time.get_clock_info('thread_time').resolution <= 1e-5: return time.thread_time
+    except (AttributeError, ValueError, OSError): pass
+    return time.perf_counter
+
+
+def measure_amp_speed(amp_mode: str | AMPMode,  # 'fp16' or 'bf16'
+                      rounds: int = 5,           # timed rounds (one step in each precision) at the main size
+                      clear: float = 4.,         # stop early once every round so far is above `clear` x `AMP_SLOW_RATIO`
+                      max_seconds: float = 2.    # stop after the round that passes this wall-clock budget
+                     ) -> AMPSpeed:
+    "Time a small convolution's training step (forward and backward) under CPU autocast in `amp_mode` against fp32"
+    mode = AMPMode(amp_mode)
+    ok, said = autocast_supported(mode, 'cpu')
+    if not ok: raise RuntimeError(f"torch.autocast on the CPU does not compute in {mode.dtype} (torch says: {said})")
+    clock, start, threads = _probe_clock(), time.perf_counter(), torch.get_num_threads()
+    fp32 = torch.autocast('cpu', enabled=False)  # an fp32 step even inside a caller's autocast region
+    ratios, capped = [], False
+    # One thread, CPU time: the same kernels the training uses, measured without the noise of other processes.
+    # fork_rng: building the probe draws random numbers; the caller's random stream stays as it was.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.set_num_threads(1)
+        try:
+            for i, (b, c, px) in enumerate(_PROBE_SIZES):
+                last = i == len(_PROBE_SIZES) - 1
+                net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+                net = net.to(memory_format=torch.channels_last)
+                x = torch.randn(b, c, px, px).contiguous(memory_format=torch.channels_last)
+                def step(ctx):
+                    t = clock()
+                    with ctx: y = net(x)
+                    y.float().sum().backward()
+                    return clock() - t
+                step(fp32); step(torch.autocast('cpu', dtype=mode.dtype))  # warm-up: oneDNN builds its kernels
+                ratios = []
+                for r in range(rounds if last else 3):
+                    t32 = step(fp32)
+                    ratios.append(step(torch.autocast('cpu', dtype=mode.dtype)) / max(t32, 1e-9))
+                    if len(ratios) >= 2 and min(ratios) > clear * AMP_SLOW_RATIO: capped = True; break
+                    if time.perf_counter() - start > max_seconds: break
+                if capped or statistics.median(ratios) > clear * AMP_SLOW_RATIO:
+                    capped = capped or not last
+                    break
+                if time.perf_counter() - start > max_seconds: break
+        finally: torch.set_num_threads(threads)
+    return AMPSpeed('cpu', mode, statistics.median(ratios), cpu_native(mode.dtype), capped, time.perf_counter() - start)
+
+
+AMP_SPEEDS: dict = {}  # (device type, AMPMode) -> AMPSpeed: what `amp_speed` measured in this process (seed it in tests)
+
+
+def amp_speed(amp_mode: str | AMPMode,        # 'fp16' or 'bf16'
+              device: str | torch.device      # where the model is
+             ) -> AMPSpeed | None:
+    "How fast `amp_mode` trains on `device`'s type next to fp32, measured once per process (None: not probed there)"
+    mode, dt = AMPMode(amp_mode), torch.device(device).type
+    if dt != 'cpu': return None  # CUDA: fp16 runs on every GPU's fast path, and bf16 is checked by capability
+    if (dt, mode) not in AMP_SPEEDS: AMP_SPEEDS[dt, mode] = measure_amp_speed(mode)
+    return AMP_SPEEDS[dt, mode]
+
+
+_FLAG_NAMES = {AMPMode.FP16: ('float16', 'AVX512-FP16 or AMX-FP16', 'torch.ops.mkldnn._is_mkldnn_fp16_supported()'),
+               AMPMode.BF16: ('bfloat16', 'AVX512-BF16 or AMX', 'torch.cpu._is_avx512_bf16_supported()')}
+
+
+def slow_amp_message(speed: AMPSpeed,  # a slow measurement, from `amp_speed`
+                     context: str = ''  # what the slowness means where the warning comes from
+                    ) -> str:
+    "Say that `speed.mode` trains much slower than fp32, by how much, why the flags did not tell, and what to use"
+    mode = speed.mode
+    other = AMPMode.BF16 if mode is AMPMode.FP16 else AMPMode.FP16
+    alt = amp_speed(other, speed.device_type)
+    name, units, flag = _FLAG_NAMES[mode]
+    why = {True: f"This CPU's flags promise native {name} ({flag} is True), but the kernels torch runs for it here "
+                 f"(the convolution's backward pass above all) are slow: flags alone do not tell.",
+           False: f"This CPU has no native {name} arithmetic ({units}), so torch computes it the slow way.",
+           None: f"(torch cannot tell whether this CPU has native {name} arithmetic.)"}[speed.native]
+    use = (f"Use learn.to_{other}() instead ({other} measured {alt.ratio:.2f}x fp32's time here), or learn.to_fp32()"
+           if alt is not None and not alt.slow else "Use learn.to_fp32() instead" +
+           ('' if alt is None else f" ({other} is slow here too: {alt.ratio:.1f}x)"))
+    return (f"{mode} mixed precision trains much slower than fp32 on this CPU: a probe training step (3x3 convolution, "
+            f"BatchNorm, ReLU; forward and backward) took {'at least ' if speed.capped else ''}{speed.ratio:.1f}x "
+            f"fp32's time (warned above {AMP_SLOW_RATIO:g}x). {why} {use}. {context}The precision stays {mode} as "
+            f"asked; silence this with warnings.simplefilter('ignore', AMPSpeedWarning).")
+
+
+def check_amp_speed(amp_mode: str | AMPMode,       # 'fp16' or 'bf16'
+                    device: str | torch.device,    # where the model is
+                    context: str = '',             # a sentence on what the slowness costs where this is called from
+                    key: str = 'train'             # warn once per process per device type, mode and `key`
+                   ) -> AMPSpeed | None:
+    "Measure `amp_mode` on `device` (once per process) and warn with an `AMPSpeedWarning` if it trains much slower than fp32"
+    speed = amp_speed(amp_mode, device)
+    if speed is not None and speed.slow:
+        k = (speed.device_type, speed.mode, key)
+        if k not in _warned: _warn_once(k, slow_amp_message(speed, context), AMPSpeedWarning)
+    return speed
+
+# %% ../nbs/02_fp16.ipynb #a9e1c0d2
 def check_amp_support(amp_mode: str | AMPMode,      # 'fp16' or 'bf16'
                       device: str | torch.device    # where the model is
                      ) -> AMPMode:
-    "Raise if `amp_mode` autocast cannot take effect on `device`; warn once if it runs but slower than fp32"
+    "Raise if `amp_mode` autocast cannot take effect on `device`; warn once if it trains much slower than fp32 there"
     mode, device = AMPMode(amp_mode), torch.device(device)
     dt = device.type
     if not torch.amp.is_autocast_available(dt):
@@ -83,27 +236,13 @@ def check_amp_support(amp_mode: str | AMPMode,      # 'fp16' or 'bf16'
         raise RuntimeError(f"bf16 mixed precision needs a GPU with bfloat16 support (Ampere, compute capability 8.0, or "
                            f"newer); {device} ({torch.cuda.get_device_name(device)}) has none "
                            f"(torch.cuda.is_bf16_supported() is False). Use learn.to_fp16() instead, or learn.to_fp32().")
-    # torch switches autocast off, with a mere warning, for a dtype the device does not support: catch that here
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        with torch.autocast(dt, dtype=mode.dtype):
-            on = torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) == mode.dtype
+    on, said = autocast_supported(mode, dt)
     if not on:
-        said = ' '.join(str(w.message) for w in caught) or 'nothing'
         other = AMPMode.BF16 if mode is AMPMode.FP16 else AMPMode.FP16
         raise RuntimeError(f"torch.autocast on {device} does not support {mode.dtype} (torch says: {said}), so {mode} "
                            f"would silently train in float32. Use learn.to_{other}() if {device} supports it, "
                            f"or learn.to_fp32().")
-    if dt == 'cpu' and _cpu_native(mode.dtype) is False:
-        if mode is AMPMode.FP16:
-            alt = 'learn.to_bf16() (this CPU has native bf16)' if _cpu_native(torch.bfloat16) else 'learn.to_fp32()'
-            _warn_once((dt, mode), "fp16 mixed precision on this CPU computes in real float16, but the CPU has no native "
-                       "float16 arithmetic (AVX512-FP16 or AMX-FP16): expect it to be several times slower than fp32. "
-                       f"Use {alt} for speed.")
-        else:
-            _warn_once((dt, mode), "bf16 mixed precision on this CPU computes in real bfloat16, but the CPU has no native "
-                       "bfloat16 instructions (AVX512-BF16 or AMX): they are emulated, usually slower than fp32. "
-                       "Use learn.to_fp32() for speed.")
+    check_amp_speed(mode, device)  # the CPU: measured once per process; warns if much slower than fp32
     return mode
 
 # %% ../nbs/02_fp16.ipynb #729aade8
@@ -158,6 +297,10 @@ def _has_grads(opt) -> bool:
     return any(p.grad is not None for g in opt.param_groups for p in g['params'])
 
 # %% ../nbs/02_fp16.ipynb #ef2d92b7
+class SkippedStepsWarning(RuntimeWarning):
+    "fp16: every optimizer step of an epoch was skipped (gradients inf or nan), so the model did not train"
+
+
 class MixedPrecision(Callback):
     "Mixed precision training with `torch.autocast` on the model's device: float16 with a `GradScaler`, or bfloat16"
     order = 10  # after ChannelsLast (-1) sets the model's layout; before Recorder (50) and GatherPreds (80) read `pred`
@@ -186,6 +329,7 @@ class MixedPrecision(Callback):
             raise ValueError(f"max_grad_norm must be a number > 0, or None for no clipping, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
         self.scaler, self.skipped_steps = None, 0
+        self._epoch_steps = self._epoch_skipped = 0  # this epoch's unscaled steps, and how many of them were skipped
         self._scaler_device, self._pending_state, self._unscaled = None, None, False
         self._probe = _StepProbe()  # one object for the whole life of the scaler: GradScaler keys its state by id()
 
@@ -244,6 +388,8 @@ class MixedPrecision(Callback):
         # `nullcontext` when the fit, validate or get_preds ends, however it ends: autocast cannot leak.
         learn.forward_context = partial(torch.autocast, device.type, dtype=self.amp_mode.dtype)
 
+    def before_train(self): self._epoch_steps = self._epoch_skipped = 0
+
     def after_pred(self): self.learn.pred = _to_float32(self.learn.pred)
 
     @property
@@ -261,8 +407,10 @@ class MixedPrecision(Callback):
             self.scaler.unscale_(probe)   # gradients back to their true size; records whether any is inf/nan
             self._unscaled = True
             self.scaler.step(probe)       # calls probe.step() only if all gradients are finite
+            self._epoch_steps += 1        # plain ints: GradScaler.step has already read found_inf on the host
             if not probe.stepped:
                 self.skipped_steps += 1
+                self._epoch_skipped += 1
                 raise CancelStepException  # the Learner's opt.step() does not run; after_step still does
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], self.max_grad_norm)
@@ -273,6 +421,17 @@ class MixedPrecision(Callback):
     def _close_step(self):
         self.scaler.update()  # back off after an overflow, grow after `growth_interval` clean steps
         self._unscaled = False
+
+    def after_train(self):
+        "Warn if every step of this epoch's training was skipped: the model did not learn, and the scale only fell"
+        n = self._epoch_steps
+        if n and self._epoch_skipped == n:
+            warnings.warn(f"fp16: all {n} optimizer step(s) of epoch {self.learn.epoch} were skipped because their "
+                          f"gradients were inf or nan, so the model did not train this epoch; the loss scale fell to "
+                          f"{self.scaler.get_scale():g} (init_scale {self.scaler_kwargs['init_scale']:g}). Check the loss "
+                          f"in fp32 (learn.to_fp32()): a loss that is inf or nan there too (log of 0, a division by zero, "
+                          f"a label out of range, a diverging learning rate) is not a scaling problem. If fp32 trains, "
+                          f"activations overflow float16's range (65504): try learn.to_bf16().", SkippedStepsWarning)
 
     def state_dict(self) -> dict:
         "Scaler state and skipped-step count, for `Learner.save`"
@@ -293,6 +452,7 @@ class MixedPrecision(Callback):
 def to_fp16(self: Learner, **kwargs) -> Learner:
     "Train in float16 mixed precision with a `GradScaler` built from `kwargs`, replacing any `MixedPrecision`"
     cb = MixedPrecision(AMPMode.FP16, **kwargs)  # built first: bad keywords leave the learner as it was
+    check_amp_speed(AMPMode.FP16, model_device(self.model, self.device))  # warns now if much slower than fp32 here
     return self.remove_cb(MixedPrecision).add_cb(cb)
 
 
@@ -302,6 +462,7 @@ def to_bf16(self: Learner,
            ) -> Learner:
     "Train in bfloat16 mixed precision (no scaler), replacing any `MixedPrecision`"
     cb = MixedPrecision(AMPMode.BF16, max_grad_norm=max_grad_norm)
+    check_amp_speed(AMPMode.BF16, model_device(self.model, self.device))  # warns now if much slower than fp32 here
     return self.remove_cb(MixedPrecision).add_cb(cb)
 
 

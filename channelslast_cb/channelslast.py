@@ -21,8 +21,8 @@ from fastcore.meta import delegates
 from torch import Tensor, nn
 
 from .core import Callback
-from .fp16 import AMPMode, MixedPrecision
-from .learner import Learner
+from .fp16 import AMPMode, MixedPrecision, check_amp_speed
+from .learner import Learner, model_device
 
 # %% auto #0
 __all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'to_channels_last', 'to_contiguous_format', 'match_opt_state_layout',
@@ -226,6 +226,19 @@ def _auto_before_fit(self: ChannelsLast):
     self._t0 = None
     if self._plan is not None and getattr(self.learn, 'fitting', True):
         self._extra = 1 if self._plan[self._k][1] else 0  # resuming on a timed step: run one cold step untimed first
+        self._warn_slow_amp()
+
+
+@patch
+def _warn_slow_amp(self: ChannelsLast):
+    "Warn if the measuring steps will run under a mixed precision mode measured much slower than fp32"
+    mp = next((cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)), None)
+    if mp is None: return
+    n = len(self._plan) - self._k
+    check_amp_speed(mp.amp_mode, model_device(self.learn.model),
+                    f"ChannelsLast(auto=True) times its {n} measuring steps in this mode: expect them to take about "
+                    f"that many times as long as in fp32, and its layout choice to be made for a mode you may not "
+                    f"keep. ", key='auto')
 
 
 @patch
@@ -309,6 +322,7 @@ def to_channelslast(self: Learner,
         raise ValueError(f"to_channelslast(use_amp=False) adds no MixedPrecision, so {', '.join(kwargs)} cannot take "
                          f"effect. Drop them, or use use_amp=True (or learn.to_fp16(...) to change the precision alone).")
     new_mp = MixedPrecision(mode, **kwargs) if use_amp else None  # checks the settings (e.g. none with bf16)
+    if use_amp: check_amp_speed(mode, model_device(self.model, self.device))  # warns now if much slower than fp32 here
     cls = [cb for cb in self.cbs if isinstance(cb, ChannelsLast)]
     keep = next((cb for cb in cls if cb.auto == auto), None)  # one already as asked keeps its state
     mps = [cb for cb in self.cbs if isinstance(cb, MixedPrecision)] if use_amp else []

@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
-from .fp16 import AMPMode, _cpu_native
+from .fp16 import AMPMode, amp_speed, autocast_supported, check_amp_speed
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'LAYOUTS', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device', 'supported_precisions',
-           'check_precisions', 'device_name', 'synchronize', 'resolve_model', 'create_model', 'matmul_peak',
-           'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'iter_bench', 'bench_models', 'format_table',
-           'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser', 'main']
+           'default_precisions', 'check_precisions', 'device_name', 'synchronize', 'resolve_model', 'create_model',
+           'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'iter_bench', 'bench_models',
+           'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser', 'main']
 
 # %% ../nbs/05_bench.ipynb #e899538a
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -68,19 +68,31 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def supported_precisions(device: str | torch.device) -> list[str]:
-    "The precisions `device` runs natively: 'fp32', plus 'bf16' and 'fp16' where the hardware has them"
+    "The precisions `device` can run: 'fp32', plus 'bf16' and 'fp16' where its autocast computes in them"
     d = torch.device(device)
     if d.type == 'cuda':
         return ['fp32', *(['bf16'] if torch.cuda.is_bf16_supported(including_emulation=False) else []), 'fp16']
-    if d.type == 'cpu': return ['fp32', *(p for p in ('bf16', 'fp16') if _cpu_native(AMPMode(p).dtype))]
+    if d.type == 'cpu': return ['fp32', *(p for p in ('bf16', 'fp16') if autocast_supported(p, 'cpu')[0])]
     if d.type == 'mps': return ['fp32', 'fp16']
     return ['fp32']
 
 
+def default_precisions(device: str | torch.device) -> tuple[list[str], dict[str, str]]:
+    "The precisions to run when none are asked for: the supported ones but those measured much slower than fp32 (and why)"
+    keep, left_out = [], {}
+    for p in supported_precisions(device):
+        speed = None if p == 'fp32' else amp_speed(p, device)
+        if speed is not None and speed.slow:
+            left_out[p] = (f"a probe training step took {'at least ' if speed.capped else ''}{speed.ratio:.1f}x "
+                           f"fp32's time on this {torch.device(device).type} (left out above 2x)")
+        else: keep.append(p)
+    return keep, left_out
+
+
 def check_precisions(precisions: Iterable[str] | None, device: torch.device) -> list[str]:
-    "`precisions` (None: all `device` supports) checked against `device`, duplicates dropped"
+    "`precisions` (None: `default_precisions`) checked against `device`, duplicates dropped; warn on a slow one"
     ok = supported_precisions(device)
-    if precisions is None: return ok
+    if precisions is None: return default_precisions(device)[0]
     precisions = list(dict.fromkeys(precisions))
     for p in precisions:
         if p not in PRECISIONS: raise BenchError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
@@ -88,6 +100,9 @@ def check_precisions(precisions: Iterable[str] | None, device: torch.device) -> 
             raise BenchError(f"precision {p!r} is not supported on {device} ({device_name(device)}); supported "
                              f"there: {', '.join(ok)}")
     if not precisions: raise BenchError(f"no precision given; supported on {device}: {', '.join(ok)}")
+    for p in precisions:  # asked for by name: run it, but say what it costs
+        if p != 'fp32': check_amp_speed(p, device, f"channelslast-bench runs {p} because it was asked for; expect its "
+                                                   f"steps to take about that much longer. ", key='bench')
     return precisions
 
 
@@ -600,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         precisions = check_precisions(args.precision, device)
+        left_out = default_precisions(device)[1] if args.precision is None else {}
         for m in args.models: resolve_model(m)
     except BenchError as e: parser.error(str(e))
     if args.plot:
@@ -614,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out is not None and out.is_dir(): parser.error(f"{out} is a directory; give a file name")
     say(f'channelslast-bench on {device} ({device_name(device)}), {torch.get_num_threads()} threads; '
         f'precisions {", ".join(precisions)}')
+    for p, why in left_out.items():  # printed even with --quiet: a default that drops a precision is never silent
+        print(f'channelslast-bench: left out {p}: {why}; run it anyway with --precision {p}', file=sys.stderr)
     rows = []
     try:
         for model_rows in iter_bench(args.models, batch_size=args.batch_size, img_size=args.img_size,
@@ -630,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     apply_peaks(rows)
     meta = bench_meta(device, precisions, 'channelslast-bench ' + ' '.join(sys.argv[1:] if argv is None else argv))
+    if left_out: meta['precisions_left_out'] = left_out
     print(format_table(rows))
     print('matmul peak: ' + ', '.join(f'{p} {v:.3f} TFLOP/s' for p, v in meta['matmul_peak_tflops'].items())
           + f' ({meta["peak_method"]})')

@@ -29,7 +29,7 @@ def run_cli(*args, module=False, timeout=600):
 
 @pytest.fixture(scope='module')
 def e2e(tmp_path_factory):
-    "One run of the console script on two tiny models, every precision the CPU supports, all three files"
+    "One run of the console script on two tiny models, the default precisions, all three files"
     d = tmp_path_factory.mktemp('bench')
     files = dict(csv=d / 'out' / 'r.csv', json=d / 'r.json', plot=d / 'r.png')
     p = run_cli(*MODELS, *TINY, '--threads', '1', '--csv', files['csv'], '--json', files['json'], '--plot', files['plot'])
@@ -37,10 +37,23 @@ def e2e(tmp_path_factory):
     return p, files
 
 
+def ran_precisions(e2e) -> list[str]:
+    "The precisions the run says it ran (its first progress line), in order"
+    line = next(l for l in e2e[0].stderr.splitlines() if l.startswith('channelslast-bench on '))
+    return line.split('precisions ')[1].split(', ')
+
+
+def test_cli_says_which_precisions_it_left_out(e2e):
+    p, files = e2e
+    left = json.loads(files['json'].read_text())['meta'].get('precisions_left_out', {})
+    for prec, why in left.items():
+        assert f'channelslast-bench: left out {prec}: {why}; run it anyway with --precision {prec}' in p.stderr
+
+
 def test_cli_csv_rows_and_columns(e2e):
     _, files = e2e
     with open(files['csv']) as f: rows = list(csv.DictReader(f))
-    precisions = supported_precisions('cpu')
+    precisions = ran_precisions(e2e)
     assert tuple(rows[0]) == COLUMNS
     assert sorted((r['model'], r['layout'], r['precision']) for r in rows) == sorted(product(MODELS, LAYOUTS, precisions))
     assert {(r['source'], r['mode'], r['device'], r['batch_size'], r['img_size']) for r in rows} == {('timm', 'train', 'cpu', '2', '32')}
@@ -58,13 +71,17 @@ def test_cli_json_matches_csv(e2e):
     _, files = e2e
     d = json.loads(files['json'].read_text())
     with open(files['csv']) as f: csv_rows = list(csv.DictReader(f))
-    assert len(d['rows']) == len(csv_rows) == len(MODELS) * len(LAYOUTS) * len(supported_precisions('cpu'))
+    assert len(d['rows']) == len(csv_rows) == len(MODELS) * len(LAYOUTS) * len(ran_precisions(e2e))
     assert [r['speedup'] for r in d['rows']] == pytest.approx([float(r['speedup']) for r in csv_rows])
     meta = d['meta']
     for r in d['rows']:  # the raw per-round step times, whose median is the step time
         assert len(r['round_ms']) == 2 and statistics.median(r['round_ms']) == pytest.approx(r['step_ms'])
     assert meta['device'] == 'cpu' and meta['threads'] == 1  # --threads took effect
-    assert sorted(meta['matmul_peak_tflops']) == sorted(supported_precisions('cpu'))
+    assert sorted(meta['matmul_peak_tflops']) == sorted(ran_precisions(e2e))
+    # every precision the CPU supports either ran or is listed as left out, with the measured ratio
+    left = meta.get('precisions_left_out', {})
+    assert sorted([*ran_precisions(e2e), *left]) == sorted(supported_precisions('cpu')) and 'fp32' not in left
+    assert all("probe training step took" in why for why in left.values()), left
     assert all(v > 0 for v in meta['matmul_peak_tflops'].values())
     assert meta['command'].startswith('channelslast-bench test_resnet test_efficientnet')
 
@@ -83,7 +100,7 @@ def test_cli_table_and_progress(e2e):
     header = lines[0].split()
     for col in ('model', 'source', 'mode', 'layout', 'precision', 'samples/s', 'speed-up', 'TFLOP/s', 'peak'):
         assert col in header, header
-    n = len(MODELS) * len(LAYOUTS) * len(supported_precisions('cpu'))
+    n = len(MODELS) * len(LAYOUTS) * len(ran_precisions(e2e))
     body = lines[2:2 + n]
     assert all(l.startswith(tuple(MODELS)) for l in body) and sum('1.00x' in l for l in body) >= len(MODELS)
     assert lines[2 + n].startswith('matmul peak: fp32 ')

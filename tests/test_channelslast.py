@@ -25,8 +25,8 @@ CL, CL3 = torch.channels_last, torch.channels_last_3d
 
 
 cnn = tiny_cnn_no_conv_bias
-# fp16 autocast on a CPU without native fp16 is slow (fp16.py warns once); it is still correct, and tiny here
-pytestmark = pytest.mark.filterwarnings('ignore:fp16 mixed precision on this CPU:RuntimeWarning')
+# fp16 autocast measured slow on this CPU warns once (AMPSpeedWarning); it is still correct, and tiny here
+pytestmark = pytest.mark.filterwarnings('ignore::channelslast_cb.fp16.AMPSpeedWarning')
 
 
 def make_learner(model=None, cbs=None, n=32, bs=8, opt_func=torch.optim.AdamW, valid=True, **kwargs):

@@ -17,9 +17,9 @@ from channelslast_cb.fp16 import AMPMode, MixedPrecision, _to_float32, check_amp
 from channelslast_cb.learner import DataLoaders, Learner, Recorder, accuracy
 from helpers import synth_images, tiny_cnn
 
-# Many CPUs (this test machine too) have no native float16: fp16 there is real but slow, and warns once. The tests
-# that check the warning itself turn it back on.
-pytestmark = pytest.mark.filterwarnings('ignore:fp16 mixed precision on this CPU:RuntimeWarning')
+# On many CPUs (this test machine too) fp16 is measured much slower than fp32: real but slow, and warns once
+# (AMPSpeedWarning). The tests of the warning itself are in test_amp_probe.py.
+pytestmark = pytest.mark.filterwarnings('ignore::channelslast_cb.fp16.AMPSpeedWarning')
 
 N_TRAIN, BS = 64, 16          # 4 training batches per epoch
 STEPS = N_TRAIN // BS
@@ -436,18 +436,22 @@ def test_clipping_unscales_first():
     assert results['fp16', 1e-3] == pytest.approx(1e-3, rel=1e-3) and results['bf16', 1e-3] == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_warns_once_where_the_cpu_has_no_native_16_bit(monkeypatch):
+def test_warns_once_where_a_mode_is_measured_slow(monkeypatch):
+    "Measured slow (seeded), flags saying native or not: one warning per process, naming the ratio and the way out"
     monkeypatch.setattr(fp16, '_warned', set())
-    monkeypatch.setattr(fp16, '_cpu_native', lambda dtype: dtype is torch.bfloat16)
+    monkeypatch.setattr(fp16, 'AMP_SPEEDS', {('cpu', AMPMode.FP16): fp16.AMPSpeed('cpu', AMPMode.FP16, 6.2, False),
+                                            ('cpu', AMPMode.BF16): fp16.AMPSpeed('cpu', AMPMode.BF16, 1.1, True)})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
         learn = make_learner().to_fp16()
         learn.fit(1); learn.fit(1); learn.validate()
-        learn.to_bf16().fit(1)
-    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
-    assert len(msgs) == 1 and 'no native float16' in msgs[0] and 'learn.to_bf16()' in msgs[0]
-    monkeypatch.setattr(fp16, '_cpu_native', lambda dtype: False)
-    with pytest.warns(RuntimeWarning, match='no native bfloat16 instructions.*learn.to_fp32'):
+        learn.to_bf16().fit(1)  # bf16 measured fine: no warning
+    msgs = [str(x.message) for x in w if issubclass(x.category, fp16.AMPSpeedWarning)]
+    assert len(msgs) == 1 and 'took 6.2x' in msgs[0] and 'no native float16' in msgs[0], msgs
+    assert 'Use learn.to_bf16() instead (bf16 measured 1.10x' in msgs[0]
+    monkeypatch.setattr(fp16, 'AMP_SPEEDS', {('cpu', AMPMode.FP16): fp16.AMPSpeed('cpu', AMPMode.FP16, 4., False),
+                                            ('cpu', AMPMode.BF16): fp16.AMPSpeed('cpu', AMPMode.BF16, 3., False)})
+    with pytest.warns(fp16.AMPSpeedWarning, match=r'bf16 mixed precision .* took 3\.0x.*Use learn.to_fp32\(\) instead'):
         make_learner().to_bf16().fit(1)
 
 

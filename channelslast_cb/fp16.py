@@ -136,6 +136,8 @@ def measure_amp_speed(amp_mode: str | AMPMode,  # 'fp16' or 'bf16'
                      ) -> AMPSpeed:
     "Time a small convolution's training step (forward and backward) under CPU autocast in `amp_mode` against fp32"
     mode = AMPMode(amp_mode)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     ok, said = autocast_supported(mode, 'cpu')
     if not ok: raise RuntimeError(f"torch.autocast on the CPU does not compute in {mode.dtype} (torch says: {said})")
     clock, start, threads = _probe_clock(), time.perf_counter(), torch.get_num_threads()

@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=_int_at_least(1), default=224, metavar='PX',
                    help="input height and width in pixels (default: 224)")
     p.add_argument('--precision', nargs='+', choices=PRECISIONS, metavar='P',
-                   help="precisions among fp32, bf16, fp16 (autocast); default: every one the device supports")
+                   help="precisions among fp32, bf16, fp16 (autocast); default: every one the device supports, "
+                        "but a mode measured much slower than fp32 there (said on stderr)")
     p.add_argument('--inference', action='store_true', help="also time inference (forward only, eval mode)")
     p.add_argument('--steps', type=_int_at_least(1), default=10, metavar='N',
                    help="timed steps per variant in each round (default: 10)")

@@ -54,10 +54,10 @@ class AMPMode(str, Enum):
 _warned: set = set()  # keys of the warnings already given in this process (see `_warn_once`)
 
 
-def _warn_once(key, msg: str, category: type[Warning] = RuntimeWarning):
+def _warn_once(key, msg: str, category: type[Warning] = RuntimeWarning, stacklevel: int = 3):
     if key in _warned: return
     _warned.add(key)
-    warnings.warn(msg, category, stacklevel=3)
+    warnings.warn(msg, category, stacklevel=stacklevel)
 
 
 def _cuda_native_bf16(device: torch.device) -> bool:
@@ -220,7 +220,8 @@ def check_amp_speed(amp_mode: str | AMPMode,       # 'fp16' or 'bf16'
     speed = amp_speed(amp_mode, device)
     if speed is not None and speed.slow:
         k = (speed.device_type, speed.mode, key)
-        if k not in _warned: _warn_once(k, slow_amp_message(speed, context), AMPSpeedWarning)
+        # stacklevel 4: the line that called `to_fp16()`/`to_channelslast()`, which call this
+        if k not in _warned: _warn_once(k, slow_amp_message(speed, context), AMPSpeedWarning, stacklevel=4)
     return speed
 
 # %% ../nbs/02_fp16.ipynb #a9e1c0d2

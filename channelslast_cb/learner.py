@@ -12,13 +12,18 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
 from fastcore.basics import patch
 from torch import nn
 
+from .checkpoint_io import (
+    CheckpointError, atomic_save, check_model_state, check_opt_state, checkpoint_path, on_rank0, read_checkpoint,
+    rng_states, set_rng_states, unwrap_model)
 from channelslast_cb.core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
@@ -551,8 +556,8 @@ def _do_epoch(self: Learner):
 
 
 @patch
-def _do_fit(self: Learner):
-    for epoch in range(self.n_epoch):
+def _do_fit(self: Learner, start_epoch: int = 0):
+    for epoch in range(start_epoch, self.n_epoch):  # epochs before `start_epoch` run no event at all
         self.epoch = epoch
         self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
@@ -586,9 +591,12 @@ def create_opt(self: Learner, lr: float | None = None) -> Learner:
 
 
 @patch
-def _check_epochs(self: Learner, n_epoch):
+def _check_epochs(self: Learner, n_epoch, start_epoch=0):
     if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
         raise ValueError(f"n_epoch must be a positive integer, got {n_epoch!r}")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or not 0 <= start_epoch < n_epoch:
+        raise ValueError(f"start_epoch must be an integer from 0 to n_epoch-1={n_epoch - 1} (the first epoch to run; "
+                         f"epochs count from 0), got {start_epoch!r}")
 
 
 @patch
@@ -597,15 +605,16 @@ def fit(self: Learner,
         lr: float | None = None,      # learning rate for every param group (default: keep the current one)
         wd: float | None = None,      # weight decay for every param group (default: keep the current one)
         cbs=None,                     # callbacks for this fit only
-        reset_opt: bool = False):     # build a new optimizer (dropping its state) first
-    "Train for `n_epoch` epochs"
-    self._check_epochs(n_epoch)
+        reset_opt: bool = False,      # build a new optimizer (dropping its state) first
+        start_epoch: int = 0):        # resume: skip the epochs before this one (schedules continue where it starts)
+    "Train for `n_epoch` epochs, starting at epoch `start_epoch`"
+    self._check_epochs(n_epoch, start_epoch)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
         for g in self.opt.param_groups:
             if lr is not None: g['lr'] = lr
             if wd is not None: g['weight_decay'] = wd
-        self._session(self._do_fit, n_epoch, fitting=True)
+        self._session(partial(self._do_fit, start_epoch), n_epoch, fitting=True)
     return self
 
 
@@ -619,11 +628,12 @@ def fit_one_cycle(self: Learner,
                   wd: float | None = None,    # weight decay for every param group
                   moms: tuple | None = (0.95, 0.85, 0.95),  # momentum at start, peak and end (None: leave it)
                   cbs=None,                   # callbacks for this fit only
-                  reset_opt: bool = False):   # build a new optimizer first
-    "Train for `n_epoch` epochs with the one-cycle learning-rate and momentum schedule"
-    self._check_epochs(n_epoch)
+                  reset_opt: bool = False,    # build a new optimizer first
+                  start_epoch: int = 0):      # resume: skip the epochs before this one, the schedule continues there
+    "Train for `n_epoch` epochs with the one-cycle learning-rate and momentum schedule, starting at `start_epoch`"
+    self._check_epochs(n_epoch, start_epoch)
     sched = OneCycleScheduler(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
-    return self.fit(n_epoch, wd=wd, cbs=[sched, *_as_list(cbs)], reset_opt=reset_opt)
+    return self.fit(n_epoch, wd=wd, cbs=[sched, *_as_list(cbs)], reset_opt=reset_opt, start_epoch=start_epoch)
 
 
 @patch
@@ -721,40 +731,68 @@ def _contiguous(o):
     return o
 
 
-@patch
-def _ckpt_path(self: Learner, file) -> Path:
-    p = Path(file)
-    return p if p.suffix or p.is_absolute() else self.path / self.model_dir / f'{file}.pth'
+def _has(cb, method: str) -> bool: return callable(getattr(type(cb), method, None))
 
 
 @patch
-def save(self: Learner, file: str | Path, with_opt: bool = True) -> Path:
-    "Save model, optimizer and callback state to `path/model_dir/file.pth` (or `file` if it has a suffix)"
-    p = self._ckpt_path(file)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    state = {'model': _contiguous(self.model.state_dict())}
-    if with_opt and self.opt is not None: state['opt'] = _contiguous(self.opt.state_dict())
-    cb_state = {cb.name: cb.state_dict() for cb in self.cbs if callable(getattr(type(cb), 'state_dict', None))}
-    if cb_state: state['cbs'] = cb_state
-    torch.save(state, p)
+def save(self: Learner,
+         file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
+         with_opt: bool = True  # also the optimizer state, the RNG states and the epoch (what a resume needs)
+        ) -> Path:
+    "Write the model and callback states (`with_opt`: the optimizer, RNG states, epoch) atomically to `path/model_dir/file.pth`"
+    p = checkpoint_path(file, self.path / self.model_dir)
+    model = unwrap_model(self.model)  # the same keys inside DDP or torch.compile wrappers
+
+    def write():
+        state = {'model': _contiguous(model.state_dict())}
+        cbs = {cb.name: cb.state_dict() for cb in self.cbs if _has(cb, 'state_dict')}
+        if cbs: state['cbs'] = cbs
+        if with_opt and self.opt is not None:
+            state.update(opt=_contiguous(self.opt.state_dict()), opt_type=type(self.opt).__name__,
+                         rng=rng_states(), epoch=self.epoch)
+        atomic_save(state, p)
+    on_rank0(write, sync=isinstance(self.model, nn.parallel.DistributedDataParallel))  # a DDP fit: all ranks are here
     return p
 
 
 @patch
-def load(self: Learner, file: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-    "Load what `save` wrote into this learner's model, optimizer and callbacks"
-    p = self._ckpt_path(file)
-    if not p.exists(): raise FileNotFoundError(f"No checkpoint at {p}")
-    state = torch.load(p, map_location=self.device, weights_only=True)
-    if not isinstance(state, dict) or 'model' not in state:
-        raise ValueError(f"{p} is not a checkpoint written by Learner.save (no 'model' entry)")
-    self.model.load_state_dict(state['model'], strict=strict)
-    if with_opt and 'opt' in state:
-        if self.opt is None: self.create_opt()
-        self.opt.load_state_dict(state['opt'])
-    for cb in self.cbs:
-        if cb.name in state.get('cbs', {}) and callable(getattr(type(cb), 'load_state_dict', None)):
-            cb.load_state_dict(state['cbs'][cb.name])
+def load(self: Learner,
+         file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
+         device: str | int | torch.device | None = None,  # where the file's tensors are read to (None: the learner's device)
+         with_opt: bool = True,  # also the optimizer state, and then the RNG states and the epoch, if the file has them
+         strict: bool = True    # the model's keys must match the file's exactly
+        ) -> Learner:
+    "Load what `save` wrote, checking all of it before anything changes"
+    p = checkpoint_path(file, self.path / self.model_dir)
+    if isinstance(device, int): device = torch.device('cuda', device)
+    state = read_checkpoint(p, map_location=self.device if device is None else device)
+    model = unwrap_model(self.model)
+    check_model_state(model, state['model'], p, strict)
+    opt_state = state.get('opt') if with_opt else None
+    if with_opt and opt_state is None:
+        warnings.warn(f"Checkpoint {p} holds no optimizer state (saved with with_opt=False): the optimizer keeps its "
+                      f"own. Load it with with_opt=False to load the weights only.")
+    new_opt, undo, cb_states = opt_state is not None and self.opt is None, [], state.get('cbs', {})
+    if new_opt: self.create_opt()
+    try:
+        if opt_state is not None: check_opt_state(self.opt, opt_state, p, state.get('opt_type'))
+        for cb in self.cbs:
+            if cb.name not in cb_states or not _has(cb, 'load_state_dict'): continue
+            undo.append((cb, cb.state_dict() if _has(cb, 'state_dict') else None))
+            try: cb.load_state_dict(cb_states[cb.name])
+            except Exception as e:
+                raise CheckpointError(f"Checkpoint {p}: {type(cb).__name__} cannot take its saved state ({e}). "
+                                      f"Nothing was loaded.") from e
+        if opt_state is not None: self.opt.load_state_dict(opt_state)
+    except BaseException:
+        for cb, st in reversed(undo):
+            if st is not None: cb.load_state_dict(st)
+        if new_opt: self.opt = None
+        raise
+    model.load_state_dict(state['model'], strict=strict)  # checked above: cannot fail half-way
+    if opt_state is not None:
+        if 'rng' in state: set_rng_states(state['rng'])
+        if 'epoch' in state: self.epoch = int(state['epoch'])  # the epoch it was saved in: resume at `epoch + 1`
     return self
 
 # %% ../nbs/01_learner.ipynb #9f2a345a

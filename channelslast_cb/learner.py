@@ -128,33 +128,47 @@ class TrainEvalCallback(Callback):
 
 # %% ../nbs/01_learner.ipynb #0a797020
 class Recorder(Callback):
-    "Record losses, learning rates, metrics and times; print a table row per epoch"
+    "Record losses, learning rates, metrics and times; log a row per epoch through `learn.logger`"
     order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
     _flush_every = 64
 
-    def __init__(self, print_table: bool = True):  # print a row per epoch during `fit`
+    def __init__(self,
+                 print_table: bool = True,  # print a row per epoch during `fit` (the default `learn.logger`)
+                 beta: float = 0.98):       # smoothing of `losses`/`smooth_loss`, as fastai's `AvgSmoothLoss`
         super().__init__()
-        self.print_table = print_table
-        self.losses, self.lrs, self.values, self.extra_cols = [], [], [], {}
-        self._pending, self._pending_bs, self._valid, self._header_done = [], [], None, False
+        self.print_table, self.beta = print_table, beta
+        self.batch_losses, self.lrs, self.values, self.iters, self.times, self.extra_cols = [], [], [], [], [], {}
+        self.epochs = []  # the `learn.epoch` of each row of `values`
+        self._smooth, self._smooth_val = [], 0.
+        self._pending, self._pending_bs, self._ep_bs, self._valid, self._header_done = [], [], [], None, False
         self.reduce = None  # `reduce(t) -> t`: sums a float64 tensor over the processes of a distributed run
 
     @property
     def metric_names(self) -> list[str]:
-        "Column names of the epoch table"
+        "Column names of the epoch table: `['epoch', 'train_loss', 'valid_loss', *metrics, *extra_cols, 'time']`"
         return ['epoch', 'train_loss', 'valid_loss', *(getattr(m, '__name__', type(m).__name__) for m in self.learn.metrics),
                 *self.extra_cols, 'time']
 
+    def column(self, name: str) -> list:
+        "Every epoch's value of the column `name` of `metric_names` (`'epoch'` and `'time'` too)"
+        names = self.metric_names
+        if name not in names: raise KeyError(f"No column {name!r} in the epoch table; the columns are {names}")
+        if name == 'epoch': return list(self.epochs)
+        if name == 'time': return list(self.times)
+        i = names.index(name) - 1
+        return [row[i] for row in self.values]
+
     def before_fit(self):
         if self.learn.fitting:  # `validate`/`get_preds` keep the history
-            self.losses, self.lrs, self.values = [], [], []
+            self.batch_losses, self.lrs, self.values, self.iters, self.times, self.epochs = [], [], [], [], [], []
+            self._smooth, self._smooth_val = [], 0.
             self._header_done = False
         self._start_epoch()
 
     # Every accumulator is (re)set at the start of the fit and of each epoch, so that an `after_*` handler still
     # works when another callback cancelled the matching `before_*` before the Recorder saw it.
     def _start_epoch(self):
-        self._t0, self._ep_start, self._ep_bs, self._valid = time.perf_counter(), len(self.losses), [], None
+        self._t0, self._ep_start, self._ep_bs, self._valid = time.perf_counter(), len(self.batch_losses), [], None
         self._pending, self._pending_bs = [], []
         self.before_validate()
 
@@ -176,9 +190,26 @@ class Recorder(Callback):
             self._vn += bs
 
     def _flush(self):
-        if self._pending: self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+        if self._pending: self.batch_losses.extend(torch.stack(self._pending).float().cpu().tolist())
         self._ep_bs.extend(self._pending_bs)
         self._pending, self._pending_bs = [], []
+
+    @property
+    def losses(self) -> list[float]:
+        "The smoothed loss after each training batch of the last `fit` (fastai's debiased moving average)"
+        self._flush()  # a host sync, only when someone reads the losses
+        raw, sm, b, val = self.batch_losses, self._smooth, self.beta, self._smooth_val
+        for i in range(len(sm), len(raw)):
+            val = b * val + (1 - b) * raw[i]
+            sm.append(val / (1 - b ** (i + 1)))
+        self._smooth_val = val
+        return sm
+
+    @property
+    def smooth_loss(self) -> torch.Tensor | None:
+        "The last of `losses` as a 0-d tensor (fastai's `learn.smooth_loss`), or None before any training batch"
+        sm = self.losses
+        return torch.tensor(sm[-1]) if sm else None
 
     def after_train(self): self._flush()
 
@@ -196,36 +227,39 @@ class Recorder(Callback):
     @property
     def n_epoch_steps(self) -> int:
         "Training steps recorded so far in this epoch"
-        return len(self.losses) - self._ep_start + len(self._pending)
+        return len(self.batch_losses) - self._ep_start + len(self._pending)
 
     def _reduce_epoch_losses(self):
         "Make each step's loss this epoch the mean over all processes' batches (weighted by their sizes)"
-        k = len(self.losses) - self._ep_start
+        k = len(self.batch_losses) - self._ep_start
         if not k: return
         bs = torch.tensor(self._ep_bs, dtype=torch.float64, device=self.learn.device)
-        t = torch.cat([torch.tensor(self.losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
+        t = torch.cat([torch.tensor(self.batch_losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
         t = self.reduce(t)
-        self.losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
+        self.batch_losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
         self._ep_bs = [int(b) for b in t[k:].tolist()]  # the global batch size of each step
-
-    @property
-    def final_record(self) -> list[float] | None:
-        "`[valid_loss, *metrics]` of the last validation, or None"
-        return self._valid
+        self._smooth, self._smooth_val = [], 0.  # smoothed again from the reduced losses on the next read
 
     def after_epoch(self):
         self._flush()
         if self.reduce is not None: self._reduce_epoch_losses()
-        if not self.learn.fitting: return
-        ep_losses, ep_bs = self.losses[self._ep_start:], self._ep_bs
-        train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
         valid = self._valid or [math.nan] * (1 + len(self.learn.metrics))
-        row = [self.learn.epoch, train_loss, *valid, *(f() for f in self.extra_cols.values()),
-               time.perf_counter() - self._t0]
-        self.values.append(dict(zip(self.metric_names, row)))
-        if self.print_table: self._print_row(row)
+        if not self.learn.fitting:  # validate/get_preds: fastai's `final_record` is `[valid_loss, *metrics]`
+            self.learn.final_record = list(valid)
+            return
+        ep_losses, ep_bs = self.batch_losses[self._ep_start:], self._ep_bs
+        train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
+        row = [train_loss, *valid, *(f() for f in self.extra_cols.values())]
+        self.learn.final_record = row
+        self.values.append(row)
+        self.iters.append(len(self.batch_losses))
+        self.times.append(time.perf_counter() - self._t0)
+        self.epochs.append(self.learn.epoch)
+        self.learn.logger([self.learn.epoch, *row, self.times[-1]])
 
-    def _print_row(self, row):
+    def print_row(self, row: list):
+        "Print `row` (`[epoch, *values row, time]`) as a line of the epoch table, the header first"
+        if not self.print_table: return
         if not self._header_done:
             self.learn.log(_fmt_cells(self.metric_names)); self._header_done = True
         self.learn.log(_fmt_cells(row))
@@ -233,8 +267,8 @@ class Recorder(Callback):
     def table(self) -> str:
         "The epoch table recorded by the last `fit`, as text"
         if not self.values: return ''
-        names = list(self.values[0])
-        return '\n'.join([_fmt_cells(names)] + [_fmt_cells([r[n] for n in names]) for r in self.values])
+        return '\n'.join([_fmt_cells(self.metric_names)] +
+                         [_fmt_cells([e, *row, t]) for e, row, t in zip(self.epochs, self.values, self.times)])
 
 
 def _fmt_cells(cells) -> str:
@@ -358,6 +392,7 @@ class Learner:
         self.iter, self.n_iter, self.n_iter_known, self.pct_train, self.train_iter = 0, 0, False, 0., 0
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
         self.forward_context = contextlib.nullcontext
+        self.final_record, self.logger = None, self._log_row  # fastai's: the last epoch row; called with each row
         self.cbs = []
         self._tables = {True: {e: () for e in EVENTS}, False: {e: () for e in EVENTS}}
         default = [TrainEvalCallback(), Recorder()]
@@ -376,6 +411,20 @@ def _as_list(cbs) -> list:
     if cbs is None: return []
     if isinstance(cbs, (Callback, type)): return [cbs]
     return list(cbs)
+
+
+@patch
+def _log_row(self: Learner, row: list):
+    "The default `learn.logger`: the `Recorder` prints `row` as a line of its epoch table"
+    rec = self.__dict__.get('recorder')
+    if isinstance(rec, Recorder): rec.print_row(row)
+
+
+@patch(as_prop=True)
+def smooth_loss(self: Learner) -> torch.Tensor | None:
+    "The `Recorder`'s smoothed training loss after the last batch (fastai's `learn.smooth_loss`)"
+    rec = self.__dict__.get('recorder')
+    return rec.smooth_loss if isinstance(rec, Recorder) else None
 
 # %% ../nbs/01_learner.ipynb #3aeea47a
 @patch
@@ -706,7 +755,7 @@ def validate(self: Learner, ds_idx: int = 1, dl=None, cbs=None) -> list[float]:
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or validate(dl=...)")
     with self.added_cbs(cbs):
         self._validate_session(dl)
-    return self.recorder.final_record
+    return self.final_record
 
 
 @patch

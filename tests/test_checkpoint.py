@@ -166,14 +166,12 @@ def assert_unchanged(learn, snap):
 @pytest.mark.parametrize('fault', ['cb_state', 'opt_groups', 'shape', 'opt_type'])
 def test_failed_load_changes_nothing(tmp_path, fault):
     src = make(tmp_path, model=tiny_cnn(seed=1), cbs=[MixedPrecision('fp16', init_scale=2.**10), Stateful(5)])
-    src.fit(1)
+    m = src.model
     if fault == 'cb_state': src.stateful.n = -1
-    if fault == 'opt_groups':
-        m = src.model
-        src.opt = torch.optim.AdamW([{'params': m[:2].parameters()}, {'params': m[2:].parameters()}])
-    if fault == 'shape': src.model[-1] = nn.Linear(8, 3)
-    if fault == 'opt_type': src.opt = torch.optim.SGD(src.model.parameters(), lr=0.1, momentum=0.9)
-    src.fit(1)  # the optimizer state now exists (and the scale differs from the target's)
+    if fault == 'opt_groups': src.opt = torch.optim.AdamW([{'params': m[:2].parameters()}, {'params': m[2:].parameters()}])
+    if fault == 'shape': m[-1] = nn.Linear(8, 3)
+    if fault == 'opt_type': src.opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    src.fit(1)  # the optimizer state exists (and the scale differs from the target's)
     src.save('src')
     dst = make(tmp_path, cbs=[MixedPrecision('fp16'), Stateful(3)])
     dst.fit(1)

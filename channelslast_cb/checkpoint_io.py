@@ -22,7 +22,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['CKPT_EXT', 'checkpoint_path', 'stale_temp_files', 'atomic_save', 'CheckpointError', 'read_checkpoint', 'unwrap_model',
-           'check_model_state', 'check_opt_state', 'rng_states', 'set_rng_states', 'on_rank0']
+           'check_model_state', 'check_opt_state', 'rng_states', 'set_rng_states', 'learner_state', 'load_states',
+           'on_rank0']
 
 # %% ../nbs/00a_checkpoint_io.ipynb #3067ff27
 CKPT_EXT = '.pth'
@@ -209,6 +210,43 @@ def set_rng_states(st: dict):
         import numpy as np
         s = st['numpy']
         np.random.set_state({**s, 'state': {'key': s['state']['key'].cpu().numpy().astype(np.uint32), 'pos': s['state']['pos']}})
+
+# %% ../nbs/00a_checkpoint_io.ipynb #eea5b025
+def _contiguous(o):
+    if isinstance(o, torch.Tensor): return o.contiguous()
+    if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
+    return o
+
+
+def _has(o, method: str) -> bool: return callable(getattr(type(o), method, None))
+
+
+def learner_state(model: nn.Module, opt, cbs, epoch: int, with_opt: bool = True) -> dict:
+    "What `Learner.save` writes: `model`'s and `cbs`' states, and with `with_opt` the optimizer, RNG states and `epoch`"
+    state = {'model': _contiguous(model.state_dict())}
+    if (cb_states := {cb.name: cb.state_dict() for cb in cbs if _has(cb, 'state_dict')}): state['cbs'] = cb_states
+    if with_opt and opt is not None:
+        state.update(opt=_contiguous(opt.state_dict()), opt_type=type(opt).__name__, rng=rng_states(), epoch=epoch)
+    return state
+
+
+def load_states(path, cbs, cb_states: dict, opt=None, opt_state: dict | None = None):
+    "Give each of `cbs` its state in `cb_states`, then `opt` its `opt_state`; if one fails, put back what changed and raise"
+    undo = []
+    try:
+        for cb in cbs:
+            if cb.name not in cb_states or not _has(cb, 'load_state_dict'): continue
+            undo.append((cb, cb.state_dict() if _has(cb, 'state_dict') else None))
+            try: cb.load_state_dict(cb_states[cb.name])
+            except Exception as e:
+                raise CheckpointError(f"Checkpoint {path}: {type(cb).__name__} cannot take its saved state ({e}). "
+                                      f"Nothing was loaded.") from e
+        if opt_state is not None: opt.load_state_dict(opt_state)
+    except BaseException:
+        for cb, st in reversed(undo):
+            if st is not None: cb.load_state_dict(st)
+        raise
 
 # %% ../nbs/00a_checkpoint_io.ipynb #201f06bd
 def _rank() -> int:

@@ -22,8 +22,8 @@ from fastcore.basics import patch
 from torch import nn
 
 from .checkpoint_io import (
-    CheckpointError, atomic_save, check_model_state, check_opt_state, checkpoint_path, on_rank0, read_checkpoint,
-    rng_states, set_rng_states, unwrap_model)
+    atomic_save, check_model_state, check_opt_state, checkpoint_path, learner_state, load_states, on_rank0,
+    read_checkpoint, set_rng_states, unwrap_model)
 from channelslast_cb.core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
@@ -773,16 +773,6 @@ def get_preds(self: Learner, ds_idx: int = 1, dl=None, with_input: bool = False,
     return res
 
 # %% ../nbs/01_learner.ipynb #e765d97e
-def _contiguous(o):
-    if isinstance(o, torch.Tensor): return o.contiguous()
-    if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
-    return o
-
-
-def _has(cb, method: str) -> bool: return callable(getattr(type(cb), method, None))
-
-
 @patch
 def save(self: Learner,
          file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
@@ -791,16 +781,8 @@ def save(self: Learner,
     "Write the model and callback states (`with_opt`: the optimizer, RNG states, epoch) atomically to `path/model_dir/file.pth`"
     p = checkpoint_path(file, self.path / self.model_dir)
     model = unwrap_model(self.model)  # the same keys inside DDP or torch.compile wrappers
-
-    def write():
-        state = {'model': _contiguous(model.state_dict())}
-        cbs = {cb.name: cb.state_dict() for cb in self.cbs if _has(cb, 'state_dict')}
-        if cbs: state['cbs'] = cbs
-        if with_opt and self.opt is not None:
-            state.update(opt=_contiguous(self.opt.state_dict()), opt_type=type(self.opt).__name__,
-                         rng=rng_states(), epoch=self.epoch)
-        atomic_save(state, p)
-    on_rank0(write, sync=isinstance(self.model, nn.parallel.DistributedDataParallel))  # a DDP fit: all ranks are here
+    on_rank0(lambda: atomic_save(learner_state(model, self.opt, self.cbs, self.epoch, with_opt), p),
+             sync=isinstance(self.model, nn.parallel.DistributedDataParallel))  # in a DDP fit every rank saves here
     return p
 
 
@@ -821,21 +803,12 @@ def load(self: Learner,
     if with_opt and opt_state is None:
         warnings.warn(f"Checkpoint {p} holds no optimizer state (saved with with_opt=False): the optimizer keeps its "
                       f"own. Load it with with_opt=False to load the weights only.")
-    new_opt, undo, cb_states = opt_state is not None and self.opt is None, [], state.get('cbs', {})
+    new_opt = opt_state is not None and self.opt is None
     if new_opt: self.create_opt()
     try:
         if opt_state is not None: check_opt_state(self.opt, opt_state, p, state.get('opt_type'))
-        for cb in self.cbs:
-            if cb.name not in cb_states or not _has(cb, 'load_state_dict'): continue
-            undo.append((cb, cb.state_dict() if _has(cb, 'state_dict') else None))
-            try: cb.load_state_dict(cb_states[cb.name])
-            except Exception as e:
-                raise CheckpointError(f"Checkpoint {p}: {type(cb).__name__} cannot take its saved state ({e}). "
-                                      f"Nothing was loaded.") from e
-        if opt_state is not None: self.opt.load_state_dict(opt_state)
+        load_states(p, self.cbs, state.get('cbs', {}), self.opt, opt_state)  # all or nothing
     except BaseException:
-        for cb, st in reversed(undo):
-            if st is not None: cb.load_state_dict(st)
         if new_opt: self.opt = None
         raise
     model.load_state_dict(state['model'], strict=strict)  # checked above: cannot fail half-way

@@ -2,7 +2,8 @@
 
 1. Each rank's learner has its own `path` (`OUT/rank<r>`) and a `SaveModelCallback(every_epoch=True)`: only rank 0's
    folder may get files. 2. Both ranks share `OUT/shared` with a best-model `SaveModelCallback`, which saves during the
-   DDP fit and loads the best back on every rank at the end. Writes what it saw to `OUT/rank<r>.json`. Not collected.
+   DDP fit and loads the best back on every rank at the end. 3. Rank 0's write fails: every rank raises. Writes what
+   it saw to `OUT/rank<r>.json`. Not collected.
 """
 import json
 import sys
@@ -32,5 +33,12 @@ if __name__ == '__main__':
                         loss_func=F.cross_entropy, path=path, cbs=[ChannelsLast(), cb], progress=False)
         with learn.distrib_ctx(): learn.fit(2)
         res[case] = dict(checksum=checksum(learn.model), saved=str(learn.save_model.last_saved_path))
+    # 3. Rank 0 cannot write (OUT/blocked is a file, the test made it): every rank must raise, none may wait forever
+    learn = Learner(DataLoaders.from_tensors((x, y), valid=(xv, yv), bs=8), tiny_cnn(), loss_func=F.cross_entropy,
+                    path=out / 'blocked', cbs=SaveModelCallback(every_epoch=True), progress=False)
+    try:
+        with learn.distrib_ctx(): learn.fit(2)
+        res['blocked'] = 'no error'
+    except Exception as e: res['blocked'] = f'{type(e).__name__}: {e}'
     if created: teardown_distrib()
     (out / f'rank{rank}.json').write_text(json.dumps(res))

@@ -285,6 +285,7 @@ def file_checksum(p) -> str:
 
 def test_ddp_only_rank0_writes(tmp_path):
     from test_distributed import torchrun
+    (tmp_path / 'blocked').write_text('a file where a folder should be: rank 0 cannot save under it')
     torchrun('tests/ddp_ckpt_worker.py', str(tmp_path))
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert sorted(p.name for p in (tmp_path / 'rank0' / 'models').iterdir()) == ['model_0.pth', 'model_1.pth']
@@ -293,3 +294,6 @@ def test_ddp_only_rank0_writes(tmp_path):
     assert sorted(p.name for p in shared.iterdir()) == ['model.pth']  # no temporary files either
     assert ranks[0]['shared']['checksum'] == ranks[1]['shared']['checksum'] == file_checksum(shared / 'model.pth')
     assert ranks[0]['shared']['saved'] == ranks[1]['shared']['saved'] == str(shared / 'model.pth')
+    # a failed write on rank 0 raises on every rank (rank 1 learns it from rank 0) instead of leaving rank 1 waiting
+    assert 'FileExistsError' in ranks[0]['blocked'] or 'NotADirectoryError' in ranks[0]['blocked'], ranks[0]['blocked']
+    assert 'Rank 0 failed to write the checkpoint' in ranks[1]['blocked'], ranks[1]['blocked']

@@ -180,8 +180,8 @@ class ReduceLROnPlateau(TrackerCallback):
         else:
             self.wait += 1
             if self.wait >= self.patience:
-                groups = self.learn.opt.param_groups
-                old = groups[-1]['lr']
-                for g in groups: g['lr'] = max(g['lr'] / self.factor, self.min_lr)
+                hypers = self.learn.opt.hypers  # fastai's API: torch optimizers (in `TorchOpt`) and fastai's alike
+                old = hypers[-1]['lr']
+                for h in hypers: h['lr'] = max(h['lr'] / self.factor, self.min_lr)
                 self.wait = 0
-                if groups[-1]['lr'] < old: self._say(f'Epoch {self.learn.epoch}: reducing lr to {groups[-1]["lr"]}')
+                if hypers[-1]['lr'] < old: self._say(f'Epoch {self.learn.epoch}: reducing lr to {hypers[-1]["lr"]}')

@@ -24,14 +24,17 @@ from torch import nn
 from .checkpoint_io import (
     atomic_save, check_model_state, check_opt_state, checkpoint_path, learner_state, load_states, on_rank0,
     read_checkpoint, set_rng_states, unwrap_model)
-from channelslast_cb.core import (
+from .core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
-    annotate_error)
+    annotate_error, event_handler, is_callback)
+from .optimizer import as_hyper_opt, wd_keyword
+from .schedule import OneCycleScheduler
+from .progress import ProgressCallback
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
-           'ProgressCallback', 'cos_anneal', 'OneCycleScheduler', 'Learner', 'model_device', 'GatherPreds']
+           'Learner', 'model_device', 'GatherPreds']
 
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
@@ -278,74 +281,6 @@ def _fmt_cells(cells) -> str:
     return '  '.join(f'{v:>12d}' if isinstance(v, int) else f'{v:>12.6f}' if isinstance(v, float) else f'{v!s:>12}'
                      for v in cells)
 
-# %% ../nbs/01_learner.ipynb #71b3b4df
-def _interactive() -> bool:
-    return sys.stderr.isatty() or 'ipykernel' in sys.modules
-
-
-class ProgressCallback(Callback):
-    "A `tqdm` progress bar over the batches of each training and validation phase"
-    order = 60  # after `Recorder`, whose loss it shows
-
-    _bar = None
-
-    def _open(self, what):
-        from tqdm import tqdm
-        n_epoch = self.learn.n_epoch
-        desc = f'epoch {self.learn.epoch + 1}/{n_epoch} {what}' if self.learn.fitting else what
-        self._bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.25)
-
-    def before_train(self): self._open('train')
-    def before_validate(self): self._open('valid')
-
-    def after_batch(self):
-        if self._bar is not None: self._bar.update(1)
-
-    def _close(self):
-        if self._bar is not None: self._bar.close(); self._bar = None
-
-    def after_train(self): self._close()
-    def after_validate(self): self._close()
-    def after_fit(self): self._close()
-
-# %% ../nbs/01_learner.ipynb #9ae5b9dd
-def cos_anneal(start: float, end: float, pct: float) -> float:
-    "Cosine interpolation from `start` (pct=0) to `end` (pct=1)"
-    return start + (1 + math.cos(math.pi * (1 - pct))) * (end - start) / 2
-
-
-class OneCycleScheduler(Callback):
-    "Set each param group's learning rate and momentum along one cycle before every training batch"
-    order, run_valid = 5, False  # after TrainEvalCallback (which sets pct_train)
-
-    def __init__(self, lr_max: float, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
-                 moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
-        super().__init__()
-        if not 0 < pct_start < 1: raise ValueError(f"pct_start must be between 0 and 1, got {pct_start}")
-        self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
-
-    def before_fit(self):
-        if not hasattr(self.learn.dls.train, '__len__'):
-            raise ValueError("fit_one_cycle needs the number of batches: the training set must have a `len()`.")
-
-    def at(self, pct: float) -> tuple[float, float | None]:
-        "Learning rate and momentum at fraction `pct` of training"
-        lo, hi, end = self.lr_max / self.div, self.lr_max, self.lr_max / self.div_final
-        m = self.moms
-        if pct < self.pct_start:
-            p = pct / self.pct_start
-            return cos_anneal(lo, hi, p), (cos_anneal(m[0], m[1], p) if m else None)
-        p = (pct - self.pct_start) / (1 - self.pct_start)
-        return cos_anneal(hi, end, p), (cos_anneal(m[1], m[2], p) if m else None)
-
-    def before_batch(self):
-        lr, mom = self.at(self.learn.pct_train)
-        for g in self.learn.opt.param_groups:
-            g['lr'] = lr
-            if mom is None: continue
-            if 'betas' in g: g['betas'] = (mom, *g['betas'][1:])
-            elif g.get('momentum'): g['momentum'] = mom
-
 # %% ../nbs/01_learner.ipynb #df0c974d
 _STAGES = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}')
            for n in ('fit', 'epoch', 'train', 'validate', 'batch', 'backward', 'step')}
@@ -355,7 +290,7 @@ def _build_table(cbs, training: bool) -> dict[str, tuple]:
     "For each event, the `(callback, handler)` pairs that run at it, in `order`"
     cbs = sorted(cbs, key=lambda c: c.order)  # stable: equal orders keep insertion order
     gate = (lambda cb: cb.run_train) if training else (lambda cb: cb.run_valid)
-    return {e: tuple((cb, f) for cb in cbs if (f := cb.handler(e)) is not None and (e not in INNER_EVENTS or gate(cb)))
+    return {e: tuple((cb, f) for cb in cbs if (f := event_handler(cb, e)) is not None and (e not in INNER_EVENTS or gate(cb)))
             for e in EVENTS}
 
 # %% ../nbs/01_learner.ipynb #bf61d1ab
@@ -400,6 +335,28 @@ class Learner:
         self.add_cbs(default + _as_list(cbs))
         self('after_create')
 
+    def __getattr__(self, k):
+        # Only reached when normal lookup fails: read it from the model, as fastai's Learner does (`learn.parameters()`)
+        model = self.__dict__.get('model')
+        if k.startswith('_') or model is None: raise AttributeError(f"'Learner' object has no attribute {k!r}")
+        try: return getattr(model, k)
+        except AttributeError:
+            raise AttributeError(f"'Learner' object has no attribute {k!r}, nor has its model ({type(model).__name__})") from None
+
+    @property
+    def x(self):
+        "The input of a one-input batch, `xb[0]` (fastai's `learn.x`: the tuple `xb` with several inputs)"
+        return _detuplify(self.xb)
+    @x.setter
+    def x(self, v): self.xb = _retuplify(v, self.xb)
+
+    @property
+    def y(self):
+        "The target of a one-target batch, `yb[0]` (fastai's `learn.y`: the tuple `yb` with several targets)"
+        return _detuplify(self.yb)
+    @y.setter
+    def y(self, v): self.yb = _retuplify(v, self.yb)
+
 # %% ../nbs/01_learner.ipynb #545178eb
 def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch.device:
     "The device of `model`'s first parameter (`default` for a model without parameters)"
@@ -407,9 +364,17 @@ def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch
     return p.device if p is not None else torch.device(default)
 
 
+def _detuplify(b: tuple): return b[0] if len(b) == 1 else (b or None)
+def _retuplify(v, b: tuple) -> tuple: return tuple(v) if len(b) > 1 else (v,)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() or 'ipykernel' in sys.modules
+
+
 def _as_list(cbs) -> list:
     if cbs is None: return []
-    if isinstance(cbs, (Callback, type)): return [cbs]
+    if isinstance(cbs, type) or is_callback(cbs): return [cbs]
     return list(cbs)
 
 
@@ -437,9 +402,10 @@ def _rebuild(self: Learner):
 def add_cb(self: Learner, cb: Callback | type) -> Learner:
     "Attach `cb` (an instance, or a class to instantiate) and expose it as `learn.<cb.name>`"
     if isinstance(cb, type): cb = cb()
-    if not callable(getattr(cb, 'handler', None)):
-        raise TypeError(f"{cb!r} is not a Callback: subclass channelslast_cb.core.Callback")
-    if not isinstance(getattr(self, cb.name, None), (Callback, type(None))):
+    if not is_callback(cb):
+        raise TypeError(f"{cb!r} is not a Callback: subclass channelslast_cb.core.Callback (or fastai's Callback)")
+    own = self.__dict__.get(cb.name, getattr(type(self), cb.name, None))
+    if own is not None and not is_callback(own):
         raise ValueError(f"A callback named {cb.name!r} would hide the learner's own attribute `{cb.name}`; "
                          f"give it another name with `_name`")
     cb.learn = self
@@ -503,6 +469,7 @@ def removed_cbs(self: Learner, cbs):
 def __call__(self: Learner, event_name: str):
     "Run every handler of `event_name`, in order"
     for cb, f in self._tables[self.training][event_name]:
+        if not cb.run: continue  # fastai's `Callback.run`: False skips the callback until the end of the fit
         try: f()
         except CANCEL_EXCEPTIONS: raise
         except Exception as e: raise annotate_error(e, cb, event_name)
@@ -551,7 +518,7 @@ def _do_one_batch(self: Learner):
     self('after_pred')
     if self.yb:
         self.loss_grad = self.loss_func(self.pred, *self.yb)
-        self.loss = self.loss_grad.detach()
+        self.loss = self.loss_grad.detach().clone()  # as fastai: a callback changing `loss_grad` leaves `loss` alone
     self('after_loss')
     if not self.training: return
     if not self.yb:
@@ -559,7 +526,7 @@ def _do_one_batch(self: Learner):
                          f"Yield (x, y) batches, or set DataLoaders(..., n_inp=k) to leave the targets after k inputs.")
     self._with_events(self._backward, 'backward', CancelBackwardException)
     self._with_events(self._step, 'step', CancelStepException)
-    self.opt.zero_grad(set_to_none=True)
+    self.opt.zero_grad()  # no `set_to_none`: fastai's optimizers do not take it (torch's default is True)
 
 
 @patch
@@ -626,6 +593,8 @@ def _end_cleanup(self: Learner):
     self.forward_context = contextlib.nullcontext
     self.training, self.fitting = False, False
     self.model.eval()
+    for cb in self.cbs:
+        if not cb.run: cb.run = True  # `run=False` lasts until the end of the fit, as in fastai
 
 # %% ../nbs/01_learner.ipynb #9c58c3e9
 @patch
@@ -634,8 +603,8 @@ def create_opt(self: Learner, lr: float | None = None) -> Learner:
     params = [p for p in self.model.parameters() if p.requires_grad]
     if not params: raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
     kw = {'lr': self.lr if lr is None else lr}
-    if self.wd is not None: kw['weight_decay'] = self.wd
-    self.opt = self.opt_func(params, **kw)
+    if self.wd is not None: kw[wd_keyword(self.opt_func)] = self.wd  # `wd=` for fastai's optimizers
+    self.opt = as_hyper_opt(self.opt_func(params, **kw), self.opt_func)  # fastai's `hypers`/`set_hyper` on it
     return self
 
 
@@ -660,9 +629,8 @@ def fit(self: Learner,
     self._check_epochs(n_epoch, start_epoch)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
-        for g in self.opt.param_groups:
-            if lr is not None: g['lr'] = lr
-            if wd is not None: g['weight_decay'] = wd
+        if lr is not None: self.opt.set_hyper('lr', lr)
+        if wd is not None: self.opt.set_hyper('wd', wd)
         self._session(partial(self._do_fit, start_epoch), n_epoch, fitting=True)
     return self
 
@@ -683,6 +651,28 @@ def fit_one_cycle(self: Learner,
     self._check_epochs(n_epoch, start_epoch)
     sched = OneCycleScheduler(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
     return self.fit(n_epoch, wd=wd, cbs=[sched, *_as_list(cbs)], reset_opt=reset_opt, start_epoch=start_epoch)
+
+
+@patch
+@contextlib.contextmanager
+def no_logging(self: Learner):
+    "Context manager: no epoch rows go to `learn.logger` inside the block (fastai's `no_logging`, used by `lr_find`)"
+    old, self.logger = self.logger, lambda row: None
+    try: yield self
+    finally: self.logger = old
+
+
+@patch
+def to_detach(self: Learner, b, cpu: bool = True, gather: bool = True):
+    "Detach every tensor in `b` (nested tuples, lists, dicts) and move it to the CPU if `cpu` (fastai's `to_detach`)"
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise NotImplementedError("to_detach(gather=True) does not gather across processes here: pass gather=False")
+    if isinstance(b, torch.Tensor): return b.detach().cpu() if cpu else b.detach()
+    if isinstance(b, dict): return {k: self.to_detach(v, cpu, gather) for k, v in b.items()}
+    if isinstance(b, (tuple, list)):
+        items = [self.to_detach(o, cpu, gather) for o in b]
+        return items if isinstance(b, list) else tuple(items)
+    return b
 
 
 @patch

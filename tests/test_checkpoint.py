@@ -24,6 +24,7 @@ from channelslast_cb.checkpoint_io import CheckpointError, read_checkpoint, stal
 from channelslast_cb.core import Callback
 from channelslast_cb.fp16 import MixedPrecision
 from channelslast_cb.learner import DataLoaders, Learner, accuracy
+from channelslast_cb.optimizer import TorchOpt
 from helpers import synth_images, tiny_cnn
 
 TESTS = Path(__file__).resolve().parent
@@ -169,9 +170,9 @@ def test_failed_load_changes_nothing(tmp_path, fault):
     src = make(tmp_path, model=tiny_cnn(seed=1), cbs=[MixedPrecision('fp16', init_scale=2.**10), Stateful(5)])
     m = src.model
     if fault == 'cb_state': src.stateful.n = -1
-    if fault == 'opt_groups': src.opt = torch.optim.AdamW([{'params': m[:2].parameters()}, {'params': m[2:].parameters()}])
+    if fault == 'opt_groups': src.opt = TorchOpt(torch.optim.AdamW([{'params': m[:2].parameters()}, {'params': m[2:].parameters()}]))
     if fault == 'shape': m[-1] = nn.Linear(8, 3)
-    if fault == 'opt_type': src.opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    if fault == 'opt_type': src.opt = TorchOpt(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
     src.fit(1)  # the optimizer state exists (and the scale differs from the target's)
     src.save('src')
     dst = make(tmp_path, cbs=[MixedPrecision('fp16'), Stateful(3)])
@@ -188,7 +189,7 @@ def test_failed_load_changes_nothing(tmp_path, fault):
 
 def test_load_into_a_learner_without_optimizer_keeps_none_when_it_fails(tmp_path):
     src = make(tmp_path)
-    src.opt = torch.optim.AdamW([{'params': src.model[:2].parameters()}, {'params': src.model[2:].parameters()}])
+    src.opt = TorchOpt(torch.optim.AdamW([{'params': src.model[:2].parameters()}, {'params': src.model[2:].parameters()}]))
     src.fit(1)
     src.save('two')
     dst = make(tmp_path)

@@ -44,7 +44,7 @@ def test_opt_func_called_with_lr_and_wd_only_when_given():
 def test_plain_torch_optimizers_work(opt_func):
     learn = small_learner(opt_func=opt_func, lr=0.05)
     learn.fit(1)
-    assert isinstance(learn.opt, torch.optim.Optimizer)
+    assert isinstance(learn.opt.opt, torch.optim.Optimizer) and learn.opt.param_groups is learn.opt.opt.param_groups
     if isinstance(opt_func, partial): assert learn.opt.param_groups[0]['betas'] == (0.8, 0.99)
 
 

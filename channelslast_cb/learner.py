@@ -781,7 +781,8 @@ def load(self: Learner,
          file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
          device: str | int | torch.device | None = None,  # where the file's tensors are read to (None: the learner's device)
          with_opt: bool = True,  # also the optimizer state, and then the RNG states and the epoch, if the file has them
-         strict: bool = True    # the model's keys must match the file's exactly
+         strict: bool = True,   # the model's keys must match the file's exactly
+         weights_only: bool = True  # fastai's keyword (its callbacks pass False); files are read weights-only regardless
         ) -> Learner:
     "Load what `save` wrote, checking all of it before anything changes"
     p = checkpoint_path(file, self.path / self.model_dir)

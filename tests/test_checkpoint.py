@@ -298,3 +298,11 @@ def test_ddp_only_rank0_writes(tmp_path):
     # a failed write on rank 0 raises on every rank (rank 1 learns it from rank 0) instead of leaving rank 1 waiting
     assert 'FileExistsError' in ranks[0]['blocked'] or 'NotADirectoryError' in ranks[0]['blocked'], ranks[0]['blocked']
     assert 'Rank 0 failed to write the checkpoint' in ranks[1]['blocked'], ranks[1]['blocked']
+
+
+def test_weights_only_false_is_accepted_and_changes_nothing(saved):
+    learn, good = saved
+    assert learn.load('good', weights_only=False) is learn  # fastai's SaveModelCallback passes it
+    bad = good.with_name('bad.pth')
+    torch.save({'model': learn.model.state_dict(), 'where': Path('/tmp')}, bad)
+    with pytest.raises(CheckpointError, match='holds a pickled `pathlib'): learn.load('bad', weights_only=False)

@@ -14,7 +14,8 @@ import types
 # %% auto #0
 __all__ = ['EVENTS', 'INNER_EVENTS', 'event', 'CANCEL_EXCEPTIONS', 'CancelFitException', 'CancelEpochException',
            'CancelTrainException', 'CancelValidException', 'CancelBatchException', 'CancelStepException',
-           'CancelBackwardException', 'snake_name', 'annotate_error', 'Callback']
+           'CancelBackwardException', 'as_cancel', 'snake_name', 'annotate_error', 'Callback', 'is_callback',
+           'event_handler']
 
 # %% ../nbs/00_core.ipynb #eb020111
 EVENTS = tuple('''after_create before_fit before_epoch before_train before_batch after_pred after_loss
@@ -52,6 +53,14 @@ class CancelBackwardException(Exception):
 
 CANCEL_EXCEPTIONS = (CancelFitException, CancelEpochException, CancelTrainException, CancelValidException,
                      CancelBatchException, CancelStepException, CancelBackwardException)
+_CANCEL_BY_NAME = {c.__name__: c for c in CANCEL_EXCEPTIONS}
+
+
+def as_cancel(e: BaseException) -> BaseException | None:
+    "Our cancel exception for `e` when `e` is one by name (fastai's `CancelFitException`...), else None"
+    ours = _CANCEL_BY_NAME.get(type(e).__name__)
+    if ours is None or isinstance(e, ours): return None
+    return ours(*e.args)
 
 # %% ../nbs/00_core.ipynb #07d797b7
 def snake_name(cls_name: str, suffix: str = 'Callback') -> str:
@@ -62,11 +71,15 @@ def snake_name(cls_name: str, suffix: str = 'Callback') -> str:
 
 # %% ../nbs/00_core.ipynb #1143b649
 def annotate_error(e: BaseException, cb, event_name: str) -> BaseException:
-    "Prefix the message of `e` with the callback `cb` and `event_name` it was raised from (once)"
+    "Add the callback `cb` and `event_name` that `e` was raised from to its message, or as a note (once)"
     if getattr(e, '_cl_where', None) is None:
         where = f"in callback `{type(cb).__name__}` at event `{event_name}`"
         e._cl_where = where
-        e.args = (f"{e.args[0]} [{where}]" if e.args and isinstance(e.args[0], str) else f"[{where}]", *e.args[1:])
+        plain_str = type(e).__str__ is BaseException.__str__  # str(e) is args[0] for one argument
+        if plain_str and not e.args: e.args = (f"[{where}]",)
+        elif plain_str and len(e.args) == 1 and isinstance(e.args[0], str): e.args = (f"{e.args[0]} [{where}]",)
+        elif hasattr(e, 'add_note'): e.add_note(where)  # Python >= 3.11
+        else: e.__notes__ = [*getattr(e, '__notes__', []), where]
     return e
 
 # %% ../nbs/00_core.ipynb #d9aebd19
@@ -75,6 +88,7 @@ class Callback:
     order: int = 0            # lower runs first
     run_train: bool = True    # run the inner-loop events while training
     run_valid: bool = True    # run the inner-loop events while validating
+    run: bool = True          # False: skip every event until the end of this fit (then True again, as in fastai)
     learn = None              # the `Learner` this callback is attached to
 
     def __init__(self, **handlers):
@@ -98,15 +112,18 @@ class Callback:
         return f
 
     def __call__(self, event_name: str):
-        "Run the handler for `event_name`, obeying `run_train`/`run_valid` (what a fastai `Learner` calls)"
+        "Run the handler for `event_name`, obeying `run`, `run_train`/`run_valid` (what a fastai `Learner` calls)"
         f = self.handler(event_name)
-        if f is None: return
-        if event_name in INNER_EVENTS:
-            training = getattr(self.learn, 'training', True)
-            if not (self.run_train if training else self.run_valid): return
-        try: return f()
-        except CANCEL_EXCEPTIONS: raise
-        except Exception as e: raise annotate_error(e, self, event_name)
+        try:
+            if f is None or not self.run: return
+            if event_name in INNER_EVENTS:
+                training = getattr(self.learn, 'training', True)
+                if not (self.run_train if training else self.run_valid): return
+            try: return f()
+            except CANCEL_EXCEPTIONS: raise
+            except Exception as e: raise annotate_error(e, self, event_name)
+        finally:
+            if event_name == 'after_fit': self.run = True  # `run=False` lasts until the end of the fit
 
     def __getattr__(self, k):
         # Only reached when normal lookup fails: fall through to the learner, never for private names.
@@ -116,3 +133,23 @@ class Callback:
         return getattr(learn, k)
 
     def __repr__(self): return f"{type(self).__name__}(order={self.order})"
+
+# %% ../nbs/00_core.ipynb #d8b2a479
+def is_callback(cb) -> bool:
+    "Whether `cb` is a callback: ours, or one with fastai's protocol (`order`, `run_train`, `run_valid`, `name`, callable)"
+    if isinstance(cb, Callback): return True
+    return callable(cb) and not isinstance(cb, type) and all(
+        hasattr(type(cb), a) for a in ('order', 'run_train', 'run_valid', 'name'))
+
+
+def event_handler(cb, event_name: str):
+    "The function the learner calls for `cb` at `event_name`, or None if `cb` does not handle it"
+    if isinstance(cb, Callback): return cb.handler(event_name)
+    if not (callable(getattr(type(cb), event_name, None)) or callable(vars(cb).get(event_name))): return None
+    def run():
+        try: return cb(event_name)
+        except CANCEL_EXCEPTIONS: raise
+        except Exception as e:
+            if (ours := as_cancel(e)) is None: raise
+            raise ours from e
+    return run

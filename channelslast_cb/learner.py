@@ -12,21 +12,29 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
 from fastcore.basics import patch
 from torch import nn
 
-from channelslast_cb.core import (
+from .checkpoint_io import (
+    atomic_save, check_model_state, check_opt_state, checkpoint_path, learner_state, load_states, on_rank0,
+    read_checkpoint, set_rng_states, unwrap_model)
+from .core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
-    annotate_error)
+    annotate_error, event_handler, is_callback)
+from .optimizer import as_hyper_opt, wd_keyword
+from .schedule import OneCycleScheduler
+from .progress import ProgressCallback
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
-           'ProgressCallback', 'cos_anneal', 'OneCycleScheduler', 'Learner', 'model_device', 'GatherPreds']
+           'Learner', 'model_device', 'GatherPreds']
 
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
@@ -123,33 +131,47 @@ class TrainEvalCallback(Callback):
 
 # %% ../nbs/01_learner.ipynb #0a797020
 class Recorder(Callback):
-    "Record losses, learning rates, metrics and times; print a table row per epoch"
+    "Record losses, learning rates, metrics and times; log a row per epoch through `learn.logger`"
     order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
     _flush_every = 64
 
-    def __init__(self, print_table: bool = True):  # print a row per epoch during `fit`
+    def __init__(self,
+                 print_table: bool = True,  # print a row per epoch during `fit` (the default `learn.logger`)
+                 beta: float = 0.98):       # smoothing of `losses`/`smooth_loss`, as fastai's `AvgSmoothLoss`
         super().__init__()
-        self.print_table = print_table
-        self.losses, self.lrs, self.values, self.extra_cols = [], [], [], {}
-        self._pending, self._pending_bs, self._valid, self._header_done = [], [], None, False
+        self.print_table, self.beta = print_table, beta
+        self.batch_losses, self.lrs, self.values, self.iters, self.times, self.extra_cols = [], [], [], [], [], {}
+        self.epochs = []  # the `learn.epoch` of each row of `values`
+        self._smooth, self._smooth_val = [], 0.
+        self._pending, self._pending_bs, self._ep_bs, self._valid, self._header_done = [], [], [], None, False
         self.reduce = None  # `reduce(t) -> t`: sums a float64 tensor over the processes of a distributed run
 
     @property
     def metric_names(self) -> list[str]:
-        "Column names of the epoch table"
+        "Column names of the epoch table: `['epoch', 'train_loss', 'valid_loss', *metrics, *extra_cols, 'time']`"
         return ['epoch', 'train_loss', 'valid_loss', *(getattr(m, '__name__', type(m).__name__) for m in self.learn.metrics),
                 *self.extra_cols, 'time']
 
+    def column(self, name: str) -> list:
+        "Every epoch's value of the column `name` of `metric_names` (`'epoch'` and `'time'` too)"
+        names = self.metric_names
+        if name not in names: raise KeyError(f"No column {name!r} in the epoch table; the columns are {names}")
+        if name == 'epoch': return list(self.epochs)
+        if name == 'time': return list(self.times)
+        i = names.index(name) - 1
+        return [row[i] for row in self.values]
+
     def before_fit(self):
         if self.learn.fitting:  # `validate`/`get_preds` keep the history
-            self.losses, self.lrs, self.values = [], [], []
+            self.batch_losses, self.lrs, self.values, self.iters, self.times, self.epochs = [], [], [], [], [], []
+            self._smooth, self._smooth_val = [], 0.
             self._header_done = False
         self._start_epoch()
 
     # Every accumulator is (re)set at the start of the fit and of each epoch, so that an `after_*` handler still
     # works when another callback cancelled the matching `before_*` before the Recorder saw it.
     def _start_epoch(self):
-        self._t0, self._ep_start, self._ep_bs, self._valid = time.perf_counter(), len(self.losses), [], None
+        self._t0, self._ep_start, self._ep_bs, self._valid = time.perf_counter(), len(self.batch_losses), [], None
         self._pending, self._pending_bs = [], []
         self.before_validate()
 
@@ -171,9 +193,26 @@ class Recorder(Callback):
             self._vn += bs
 
     def _flush(self):
-        if self._pending: self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+        if self._pending: self.batch_losses.extend(torch.stack(self._pending).float().cpu().tolist())
         self._ep_bs.extend(self._pending_bs)
         self._pending, self._pending_bs = [], []
+
+    @property
+    def losses(self) -> list[float]:
+        "The smoothed loss after each training batch of the last `fit` (fastai's debiased moving average)"
+        self._flush()  # a host sync, only when someone reads the losses
+        raw, sm, b, val = self.batch_losses, self._smooth, self.beta, self._smooth_val
+        for i in range(len(sm), len(raw)):
+            val = b * val + (1 - b) * raw[i]
+            sm.append(val / (1 - b ** (i + 1)))
+        self._smooth_val = val
+        return sm
+
+    @property
+    def smooth_loss(self) -> torch.Tensor | None:
+        "The last of `losses` as a 0-d tensor (fastai's `learn.smooth_loss`), or None before any training batch"
+        sm = self.losses
+        return torch.tensor(sm[-1]) if sm else None
 
     def after_train(self): self._flush()
 
@@ -191,36 +230,39 @@ class Recorder(Callback):
     @property
     def n_epoch_steps(self) -> int:
         "Training steps recorded so far in this epoch"
-        return len(self.losses) - self._ep_start + len(self._pending)
+        return len(self.batch_losses) - self._ep_start + len(self._pending)
 
     def _reduce_epoch_losses(self):
         "Make each step's loss this epoch the mean over all processes' batches (weighted by their sizes)"
-        k = len(self.losses) - self._ep_start
+        k = len(self.batch_losses) - self._ep_start
         if not k: return
         bs = torch.tensor(self._ep_bs, dtype=torch.float64, device=self.learn.device)
-        t = torch.cat([torch.tensor(self.losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
+        t = torch.cat([torch.tensor(self.batch_losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
         t = self.reduce(t)
-        self.losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
+        self.batch_losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
         self._ep_bs = [int(b) for b in t[k:].tolist()]  # the global batch size of each step
-
-    @property
-    def final_record(self) -> list[float] | None:
-        "`[valid_loss, *metrics]` of the last validation, or None"
-        return self._valid
+        self._smooth, self._smooth_val = [], 0.  # smoothed again from the reduced losses on the next read
 
     def after_epoch(self):
         self._flush()
         if self.reduce is not None: self._reduce_epoch_losses()
-        if not self.learn.fitting: return
-        ep_losses, ep_bs = self.losses[self._ep_start:], self._ep_bs
-        train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
         valid = self._valid or [math.nan] * (1 + len(self.learn.metrics))
-        row = [self.learn.epoch, train_loss, *valid, *(f() for f in self.extra_cols.values()),
-               time.perf_counter() - self._t0]
-        self.values.append(dict(zip(self.metric_names, row)))
-        if self.print_table: self._print_row(row)
+        if not self.learn.fitting:  # validate/get_preds: fastai's `final_record` is `[valid_loss, *metrics]`
+            self.learn.final_record = list(valid)
+            return
+        ep_losses, ep_bs = self.batch_losses[self._ep_start:], self._ep_bs
+        train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
+        row = [train_loss, *valid, *(f() for f in self.extra_cols.values())]
+        self.learn.final_record = row
+        self.values.append(row)
+        self.iters.append(len(self.batch_losses))
+        self.times.append(time.perf_counter() - self._t0)
+        self.epochs.append(self.learn.epoch)
+        self.learn.logger([self.learn.epoch, *row, self.times[-1]])
 
-    def _print_row(self, row):
+    def print_row(self, row: list):
+        "Print `row` (`[epoch, *values row, time]`) as a line of the epoch table, the header first"
+        if not self.print_table: return
         if not self._header_done:
             self.learn.log(_fmt_cells(self.metric_names)); self._header_done = True
         self.learn.log(_fmt_cells(row))
@@ -228,8 +270,8 @@ class Recorder(Callback):
     def table(self) -> str:
         "The epoch table recorded by the last `fit`, as text"
         if not self.values: return ''
-        names = list(self.values[0])
-        return '\n'.join([_fmt_cells(names)] + [_fmt_cells([r[n] for n in names]) for r in self.values])
+        return '\n'.join([_fmt_cells(self.metric_names)] +
+                         [_fmt_cells([e, *row, t]) for e, row, t in zip(self.epochs, self.values, self.times)])
 
 
 def _fmt_cells(cells) -> str:
@@ -238,74 +280,6 @@ def _fmt_cells(cells) -> str:
     if cells and isinstance(cells[-1], float): cells[-1] = f'{cells[-1]:.2f}s'
     return '  '.join(f'{v:>12d}' if isinstance(v, int) else f'{v:>12.6f}' if isinstance(v, float) else f'{v!s:>12}'
                      for v in cells)
-
-# %% ../nbs/01_learner.ipynb #71b3b4df
-def _interactive() -> bool:
-    return sys.stderr.isatty() or 'ipykernel' in sys.modules
-
-
-class ProgressCallback(Callback):
-    "A `tqdm` progress bar over the batches of each training and validation phase"
-    order = 60  # after `Recorder`, whose loss it shows
-
-    _bar = None
-
-    def _open(self, what):
-        from tqdm import tqdm
-        n_epoch = self.learn.n_epoch
-        desc = f'epoch {self.learn.epoch + 1}/{n_epoch} {what}' if self.learn.fitting else what
-        self._bar = tqdm(total=self.learn.n_iter, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.25)
-
-    def before_train(self): self._open('train')
-    def before_validate(self): self._open('valid')
-
-    def after_batch(self):
-        if self._bar is not None: self._bar.update(1)
-
-    def _close(self):
-        if self._bar is not None: self._bar.close(); self._bar = None
-
-    def after_train(self): self._close()
-    def after_validate(self): self._close()
-    def after_fit(self): self._close()
-
-# %% ../nbs/01_learner.ipynb #9ae5b9dd
-def cos_anneal(start: float, end: float, pct: float) -> float:
-    "Cosine interpolation from `start` (pct=0) to `end` (pct=1)"
-    return start + (1 + math.cos(math.pi * (1 - pct))) * (end - start) / 2
-
-
-class OneCycleScheduler(Callback):
-    "Set each param group's learning rate and momentum along one cycle before every training batch"
-    order, run_valid = 5, False  # after TrainEvalCallback (which sets pct_train)
-
-    def __init__(self, lr_max: float, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
-                 moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
-        super().__init__()
-        if not 0 < pct_start < 1: raise ValueError(f"pct_start must be between 0 and 1, got {pct_start}")
-        self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
-
-    def before_fit(self):
-        if not hasattr(self.learn.dls.train, '__len__'):
-            raise ValueError("fit_one_cycle needs the number of batches: the training set must have a `len()`.")
-
-    def at(self, pct: float) -> tuple[float, float | None]:
-        "Learning rate and momentum at fraction `pct` of training"
-        lo, hi, end = self.lr_max / self.div, self.lr_max, self.lr_max / self.div_final
-        m = self.moms
-        if pct < self.pct_start:
-            p = pct / self.pct_start
-            return cos_anneal(lo, hi, p), (cos_anneal(m[0], m[1], p) if m else None)
-        p = (pct - self.pct_start) / (1 - self.pct_start)
-        return cos_anneal(hi, end, p), (cos_anneal(m[1], m[2], p) if m else None)
-
-    def before_batch(self):
-        lr, mom = self.at(self.learn.pct_train)
-        for g in self.learn.opt.param_groups:
-            g['lr'] = lr
-            if mom is None: continue
-            if 'betas' in g: g['betas'] = (mom, *g['betas'][1:])
-            elif g.get('momentum'): g['momentum'] = mom
 
 # %% ../nbs/01_learner.ipynb #df0c974d
 _STAGES = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}')
@@ -316,7 +290,7 @@ def _build_table(cbs, training: bool) -> dict[str, tuple]:
     "For each event, the `(callback, handler)` pairs that run at it, in `order`"
     cbs = sorted(cbs, key=lambda c: c.order)  # stable: equal orders keep insertion order
     gate = (lambda cb: cb.run_train) if training else (lambda cb: cb.run_valid)
-    return {e: tuple((cb, f) for cb in cbs if (f := cb.handler(e)) is not None and (e not in INNER_EVENTS or gate(cb)))
+    return {e: tuple((cb, f) for cb in cbs if (f := event_handler(cb, e)) is not None and (e not in INNER_EVENTS or gate(cb)))
             for e in EVENTS}
 
 # %% ../nbs/01_learner.ipynb #bf61d1ab
@@ -353,12 +327,35 @@ class Learner:
         self.iter, self.n_iter, self.n_iter_known, self.pct_train, self.train_iter = 0, 0, False, 0., 0
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
         self.forward_context = contextlib.nullcontext
+        self.final_record, self.logger = None, self._log_row  # fastai's: the last epoch row; called with each row
         self.cbs = []
         self._tables = {True: {e: () for e in EVENTS}, False: {e: () for e in EVENTS}}
         default = [TrainEvalCallback(), Recorder()]
         if progress or (progress is None and _interactive()): default.append(ProgressCallback())
         self.add_cbs(default + _as_list(cbs))
         self('after_create')
+
+    def __getattr__(self, k):
+        # Only reached when normal lookup fails: read it from the model, as fastai's Learner does (`learn.parameters()`)
+        model = self.__dict__.get('model')
+        if k.startswith('_') or model is None: raise AttributeError(f"'Learner' object has no attribute {k!r}")
+        try: return getattr(model, k)
+        except AttributeError:
+            raise AttributeError(f"'Learner' object has no attribute {k!r}, nor has its model ({type(model).__name__})") from None
+
+    @property
+    def x(self):
+        "The input of a one-input batch, `xb[0]` (fastai's `learn.x`: the tuple `xb` with several inputs)"
+        return _detuplify(self.xb)
+    @x.setter
+    def x(self, v): self.xb = _retuplify(v, self.xb)
+
+    @property
+    def y(self):
+        "The target of a one-target batch, `yb[0]` (fastai's `learn.y`: the tuple `yb` with several targets)"
+        return _detuplify(self.yb)
+    @y.setter
+    def y(self, v): self.yb = _retuplify(v, self.yb)
 
 # %% ../nbs/01_learner.ipynb #545178eb
 def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch.device:
@@ -367,10 +364,32 @@ def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch
     return p.device if p is not None else torch.device(default)
 
 
+def _detuplify(b: tuple): return b[0] if len(b) == 1 else (b or None)
+def _retuplify(v, b: tuple) -> tuple: return tuple(v) if len(b) > 1 else (v,)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() or 'ipykernel' in sys.modules
+
+
 def _as_list(cbs) -> list:
     if cbs is None: return []
-    if isinstance(cbs, (Callback, type)): return [cbs]
+    if isinstance(cbs, type) or is_callback(cbs): return [cbs]
     return list(cbs)
+
+
+@patch
+def _log_row(self: Learner, row: list):
+    "The default `learn.logger`: the `Recorder` prints `row` as a line of its epoch table"
+    rec = self.__dict__.get('recorder')
+    if isinstance(rec, Recorder): rec.print_row(row)
+
+
+@patch(as_prop=True)
+def smooth_loss(self: Learner) -> torch.Tensor | None:
+    "The `Recorder`'s smoothed training loss after the last batch (fastai's `learn.smooth_loss`)"
+    rec = self.__dict__.get('recorder')
+    return rec.smooth_loss if isinstance(rec, Recorder) else None
 
 # %% ../nbs/01_learner.ipynb #3aeea47a
 @patch
@@ -383,9 +402,10 @@ def _rebuild(self: Learner):
 def add_cb(self: Learner, cb: Callback | type) -> Learner:
     "Attach `cb` (an instance, or a class to instantiate) and expose it as `learn.<cb.name>`"
     if isinstance(cb, type): cb = cb()
-    if not callable(getattr(cb, 'handler', None)):
-        raise TypeError(f"{cb!r} is not a Callback: subclass channelslast_cb.core.Callback")
-    if not isinstance(getattr(self, cb.name, None), (Callback, type(None))):
+    if not is_callback(cb):
+        raise TypeError(f"{cb!r} is not a Callback: subclass channelslast_cb.core.Callback (or fastai's Callback)")
+    own = self.__dict__.get(cb.name, getattr(type(self), cb.name, None))
+    if own is not None and not is_callback(own):
         raise ValueError(f"A callback named {cb.name!r} would hide the learner's own attribute `{cb.name}`; "
                          f"give it another name with `_name`")
     cb.learn = self
@@ -449,6 +469,7 @@ def removed_cbs(self: Learner, cbs):
 def __call__(self: Learner, event_name: str):
     "Run every handler of `event_name`, in order"
     for cb, f in self._tables[self.training][event_name]:
+        if not cb.run: continue  # fastai's `Callback.run`: False skips the callback until the end of the fit
         try: f()
         except CANCEL_EXCEPTIONS: raise
         except Exception as e: raise annotate_error(e, cb, event_name)
@@ -497,7 +518,7 @@ def _do_one_batch(self: Learner):
     self('after_pred')
     if self.yb:
         self.loss_grad = self.loss_func(self.pred, *self.yb)
-        self.loss = self.loss_grad.detach()
+        self.loss = self.loss_grad.detach().clone()  # as fastai: a callback changing `loss_grad` leaves `loss` alone
     self('after_loss')
     if not self.training: return
     if not self.yb:
@@ -505,7 +526,7 @@ def _do_one_batch(self: Learner):
                          f"Yield (x, y) batches, or set DataLoaders(..., n_inp=k) to leave the targets after k inputs.")
     self._with_events(self._backward, 'backward', CancelBackwardException)
     self._with_events(self._step, 'step', CancelStepException)
-    self.opt.zero_grad(set_to_none=True)
+    self.opt.zero_grad()  # no `set_to_none`: fastai's optimizers do not take it (torch's default is True)
 
 
 @patch
@@ -551,8 +572,8 @@ def _do_epoch(self: Learner):
 
 
 @patch
-def _do_fit(self: Learner):
-    for epoch in range(self.n_epoch):
+def _do_fit(self: Learner, start_epoch: int = 0):
+    for epoch in range(start_epoch, self.n_epoch):  # epochs before `start_epoch` run no event at all
         self.epoch = epoch
         self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
@@ -572,6 +593,8 @@ def _end_cleanup(self: Learner):
     self.forward_context = contextlib.nullcontext
     self.training, self.fitting = False, False
     self.model.eval()
+    for cb in self.cbs:
+        if not cb.run: cb.run = True  # `run=False` lasts until the end of the fit, as in fastai
 
 # %% ../nbs/01_learner.ipynb #9c58c3e9
 @patch
@@ -580,15 +603,18 @@ def create_opt(self: Learner, lr: float | None = None) -> Learner:
     params = [p for p in self.model.parameters() if p.requires_grad]
     if not params: raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
     kw = {'lr': self.lr if lr is None else lr}
-    if self.wd is not None: kw['weight_decay'] = self.wd
-    self.opt = self.opt_func(params, **kw)
+    if self.wd is not None: kw[wd_keyword(self.opt_func)] = self.wd  # `wd=` for fastai's optimizers
+    self.opt = as_hyper_opt(self.opt_func(params, **kw), self.opt_func)  # fastai's `hypers`/`set_hyper` on it
     return self
 
 
 @patch
-def _check_epochs(self: Learner, n_epoch):
+def _check_epochs(self: Learner, n_epoch, start_epoch=0):
     if isinstance(n_epoch, bool) or not isinstance(n_epoch, int) or n_epoch < 1:
         raise ValueError(f"n_epoch must be a positive integer, got {n_epoch!r}")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or not 0 <= start_epoch < n_epoch:
+        raise ValueError(f"start_epoch must be an integer from 0 to n_epoch-1={n_epoch - 1} (the first epoch to run; "
+                         f"epochs count from 0), got {start_epoch!r}")
 
 
 @patch
@@ -597,15 +623,15 @@ def fit(self: Learner,
         lr: float | None = None,      # learning rate for every param group (default: keep the current one)
         wd: float | None = None,      # weight decay for every param group (default: keep the current one)
         cbs=None,                     # callbacks for this fit only
-        reset_opt: bool = False):     # build a new optimizer (dropping its state) first
-    "Train for `n_epoch` epochs"
-    self._check_epochs(n_epoch)
+        reset_opt: bool = False,      # build a new optimizer (dropping its state) first
+        start_epoch: int = 0):        # resume: skip the epochs before this one (schedules continue where it starts)
+    "Train for `n_epoch` epochs, starting at epoch `start_epoch`"
+    self._check_epochs(n_epoch, start_epoch)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
-        for g in self.opt.param_groups:
-            if lr is not None: g['lr'] = lr
-            if wd is not None: g['weight_decay'] = wd
-        self._session(self._do_fit, n_epoch, fitting=True)
+        if lr is not None: self.opt.set_hyper('lr', lr)
+        if wd is not None: self.opt.set_hyper('wd', wd)
+        self._session(partial(self._do_fit, start_epoch), n_epoch, fitting=True)
     return self
 
 
@@ -619,11 +645,34 @@ def fit_one_cycle(self: Learner,
                   wd: float | None = None,    # weight decay for every param group
                   moms: tuple | None = (0.95, 0.85, 0.95),  # momentum at start, peak and end (None: leave it)
                   cbs=None,                   # callbacks for this fit only
-                  reset_opt: bool = False):   # build a new optimizer first
-    "Train for `n_epoch` epochs with the one-cycle learning-rate and momentum schedule"
-    self._check_epochs(n_epoch)
+                  reset_opt: bool = False,    # build a new optimizer first
+                  start_epoch: int = 0):      # resume: skip the epochs before this one, the schedule continues there
+    "Train for `n_epoch` epochs with the one-cycle learning-rate and momentum schedule, starting at `start_epoch`"
+    self._check_epochs(n_epoch, start_epoch)
     sched = OneCycleScheduler(self.lr if lr_max is None else lr_max, div, div_final, pct_start, moms)
-    return self.fit(n_epoch, wd=wd, cbs=[sched, *_as_list(cbs)], reset_opt=reset_opt)
+    return self.fit(n_epoch, wd=wd, cbs=[sched, *_as_list(cbs)], reset_opt=reset_opt, start_epoch=start_epoch)
+
+
+@patch
+@contextlib.contextmanager
+def no_logging(self: Learner):
+    "Context manager: no epoch rows go to `learn.logger` inside the block (fastai's `no_logging`, used by `lr_find`)"
+    old, self.logger = self.logger, lambda row: None
+    try: yield self
+    finally: self.logger = old
+
+
+@patch
+def to_detach(self: Learner, b, cpu: bool = True, gather: bool = True):
+    "Detach every tensor in `b` (nested tuples, lists, dicts) and move it to the CPU if `cpu` (fastai's `to_detach`)"
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise NotImplementedError("to_detach(gather=True) does not gather across processes here: pass gather=False")
+    if isinstance(b, torch.Tensor): return b.detach().cpu() if cpu else b.detach()
+    if isinstance(b, dict): return {k: self.to_detach(v, cpu, gather) for k, v in b.items()}
+    if isinstance(b, (tuple, list)):
+        items = [self.to_detach(o, cpu, gather) for o in b]
+        return items if isinstance(b, list) else tuple(items)
+    return b
 
 
 @patch
@@ -696,7 +745,7 @@ def validate(self: Learner, ds_idx: int = 1, dl=None, cbs=None) -> list[float]:
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or validate(dl=...)")
     with self.added_cbs(cbs):
         self._validate_session(dl)
-    return self.recorder.final_record
+    return self.final_record
 
 
 @patch
@@ -714,47 +763,49 @@ def get_preds(self: Learner, ds_idx: int = 1, dl=None, with_input: bool = False,
     return res
 
 # %% ../nbs/01_learner.ipynb #e765d97e
-def _contiguous(o):
-    if isinstance(o, torch.Tensor): return o.contiguous()
-    if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
-    return o
-
-
 @patch
-def _ckpt_path(self: Learner, file) -> Path:
-    p = Path(file)
-    return p if p.suffix or p.is_absolute() else self.path / self.model_dir / f'{file}.pth'
-
-
-@patch
-def save(self: Learner, file: str | Path, with_opt: bool = True) -> Path:
-    "Save model, optimizer and callback state to `path/model_dir/file.pth` (or `file` if it has a suffix)"
-    p = self._ckpt_path(file)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    state = {'model': _contiguous(self.model.state_dict())}
-    if with_opt and self.opt is not None: state['opt'] = _contiguous(self.opt.state_dict())
-    cb_state = {cb.name: cb.state_dict() for cb in self.cbs if callable(getattr(type(cb), 'state_dict', None))}
-    if cb_state: state['cbs'] = cb_state
-    torch.save(state, p)
+def save(self: Learner,
+         file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
+         with_opt: bool = True  # also the optimizer state, the RNG states and the epoch (what a resume needs)
+        ) -> Path:
+    "Write the model and callback states (`with_opt`: the optimizer, RNG states, epoch) atomically to `path/model_dir/file.pth`"
+    p = checkpoint_path(file, self.path / self.model_dir)
+    model = unwrap_model(self.model)  # the same keys inside DDP or torch.compile wrappers
+    on_rank0(lambda: atomic_save(learner_state(model, self.opt, self.cbs, self.epoch, with_opt), p),
+             sync=isinstance(self.model, nn.parallel.DistributedDataParallel))  # in a DDP fit every rank saves here
     return p
 
 
 @patch
-def load(self: Learner, file: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-    "Load what `save` wrote into this learner's model, optimizer and callbacks"
-    p = self._ckpt_path(file)
-    if not p.exists(): raise FileNotFoundError(f"No checkpoint at {p}")
-    state = torch.load(p, map_location=self.device, weights_only=True)
-    if not isinstance(state, dict) or 'model' not in state:
-        raise ValueError(f"{p} is not a checkpoint written by Learner.save (no 'model' entry)")
-    self.model.load_state_dict(state['model'], strict=strict)
-    if with_opt and 'opt' in state:
-        if self.opt is None: self.create_opt()
-        self.opt.load_state_dict(state['opt'])
-    for cb in self.cbs:
-        if cb.name in state.get('cbs', {}) and callable(getattr(type(cb), 'load_state_dict', None)):
-            cb.load_state_dict(state['cbs'][cb.name])
+def load(self: Learner,
+         file: str | Path,      # a name under `path/model_dir` (`.pth` added), or an absolute path
+         device: str | int | torch.device | None = None,  # where the file's tensors are read to (None: the learner's device)
+         with_opt: bool = True,  # also the optimizer state, and then the RNG states and the epoch, if the file has them
+         strict: bool = True,   # the model's keys must match the file's exactly
+         weights_only: bool = True  # fastai's keyword (its callbacks pass False); files are read weights-only regardless
+        ) -> Learner:
+    "Load what `save` wrote, checking all of it before anything changes"
+    p = checkpoint_path(file, self.path / self.model_dir)
+    if isinstance(device, int): device = torch.device('cuda', device)
+    state = read_checkpoint(p, map_location=self.device if device is None else device)
+    model = unwrap_model(self.model)
+    check_model_state(model, state['model'], p, strict)
+    opt_state = state.get('opt') if with_opt else None
+    if with_opt and opt_state is None:
+        warnings.warn(f"Checkpoint {p} holds no optimizer state (saved with with_opt=False): the optimizer keeps its "
+                      f"own. Load it with with_opt=False to load the weights only.")
+    new_opt = opt_state is not None and self.opt is None
+    if new_opt: self.create_opt()
+    try:
+        if opt_state is not None: check_opt_state(self.opt, opt_state, p, state.get('opt_type'))
+        load_states(p, self.cbs, state.get('cbs', {}), self.opt, opt_state)  # all or nothing
+    except BaseException:
+        if new_opt: self.opt = None
+        raise
+    model.load_state_dict(state['model'], strict=strict)  # checked above: cannot fail half-way
+    if opt_state is not None:
+        if 'rng' in state: set_rng_states(state['rng'])
+        if 'epoch' in state: self.epoch = int(state['epoch'])  # the epoch it was saved in: resume at `epoch + 1`
     return self
 
 # %% ../nbs/01_learner.ipynb #9f2a345a

@@ -25,4 +25,4 @@ if __name__ == "__main__":
     with learn.distrib_ctx():
         learn.fit_one_cycle(3, lr_max=1e-2)
     if rank_distrib() == 0:
-        print(f"\nfinal validation accuracy: {learn.recorder.values[-1]['accuracy']:.3f}")
+        print(f"\nfinal validation accuracy: {learn.recorder.column('accuracy')[-1]:.3f}")

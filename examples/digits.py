@@ -61,9 +61,9 @@ if __name__ == "__main__":
     print(f"  {'run':<34}{'valid accuracy':>16}{'median s/epoch':>16}")
     for name, learn in (("contiguous fp32", fp32), ("channels-last bf16", cl)):
         if learn is None: continue
-        rows = learn.recorder.values
+        rec = learn.recorder
         # the median epoch, so that the first (cold) epoch of the first run does not weigh on the comparison
-        print(f"  {name:<34}{rows[-1]['accuracy']:>16.3f}{statistics.median(r['time'] for r in rows):>16.2f}")
+        print(f"  {name:<34}{rec.column('accuracy')[-1]:>16.3f}{statistics.median(rec.times):>16.2f}")
     x, _ = next(iter(digits_dls().train))
     report = layout_report(digits_cnn(), x[:8], backward=True)
     print(f"\nlayout audit of the model in channels-last: {len(report.breaks)} module(s) where the format breaks, "

@@ -58,7 +58,9 @@ def fit(learn, n_epoch, **kw):
     return out.getvalue(), [str(o.message)[:120] for o in w if GRAD_STRIDES in str(o.message)]
 
 
-def table(learn): return [{k: v for k, v in row.items() if k != 'time'} for row in learn.recorder.values]
+def table(learn):
+    rec = learn.recorder
+    return [{'epoch': e, **dict(zip(rec.metric_names[1:], row))} for e, row in zip(rec.epochs, rec.values)]
 
 
 def cl(model): return all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)

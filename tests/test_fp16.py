@@ -152,7 +152,7 @@ def test_overflow_skips_the_step_bitwise_and_backs_off(bad, backoff):
     steps = {int(st['step']) for st in learn.opt.state.values()}
     assert steps == {STEPS - 1}
     assert all(torch.isfinite(p).all() and not torch.equal(a, p) for a, p in zip(w0, learn.model.parameters()))
-    assert [r['skipped_steps'] for r in learn.recorder.values] == [1]
+    assert learn.recorder.column('skipped_steps') == [1]
 
 
 class Overflow(nn.Module):
@@ -341,7 +341,7 @@ def test_scaler_state_survives_two_fits():
     assert scales == [16., 8., 8., 8., 16., 16., 16., 32.]
     assert all(s is scalers[0] for s in scalers)
     assert learn.mixed_precision.skipped_steps == 1
-    assert [r['skipped_steps'] for r in learn.recorder.values] == [1]
+    assert learn.recorder.column('skipped_steps') == [1]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -384,11 +384,11 @@ def test_save_load_round_trip(tmp_path):
 def test_recorder_column_follows_the_callback():
     learn = make_learner().to_fp16()
     learn.fit(1)
-    assert 'skipped_steps' in learn.recorder.values[0] and learn.recorder.values[0]['skipped_steps'] == 0
+    assert learn.recorder.column('skipped_steps') == [0]
     learn.to_bf16()
     assert 'skipped_steps' not in learn.recorder.extra_cols
     learn.fit(1)
-    assert 'skipped_steps' not in learn.recorder.values[0]
+    assert 'skipped_steps' not in learn.recorder.metric_names and len(learn.recorder.values[0]) == 3  # train, valid, accuracy
     learn.to_fp16()
     assert 'skipped_steps' in learn.recorder.extra_cols
     learn.to_fp32()
@@ -402,7 +402,7 @@ def test_fp16_without_a_recorder_and_with_one_added_later():
     rec = Recorder(print_table=False)
     learn.add_cb(rec)
     learn.fit(1)
-    assert rec.values[0]['skipped_steps'] == 0
+    assert rec.column('skipped_steps') == [0]
 
 
 def test_to_helpers_end_with_exactly_the_asked_precision():
@@ -504,9 +504,9 @@ def test_bf16_digits_reaches_the_fp32_accuracy_band():
         if mode == 'bf16': learn.to_bf16()
         learn.recorder.print_table = False
         learn.fit_one_cycle(2, lr_max=1e-2)
-        rows = learn.recorder.values
-        assert rows[-1]['train_loss'] < rows[0]['train_loss'] and rows[-1]['valid_loss'] < rows[0]['valid_loss']
-        res[mode] = rows[-1]['accuracy']
+        tl, vl = learn.recorder.column('train_loss'), learn.recorder.column('valid_loss')
+        assert tl[-1] < tl[0] and vl[-1] < vl[0]
+        res[mode] = learn.recorder.column('accuracy')[-1]
     assert res['fp32'] >= .93 and res['bf16'] >= .93
     assert abs(res['bf16'] - res['fp32']) <= .03, res
 

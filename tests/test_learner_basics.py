@@ -9,11 +9,11 @@ def test_fit_lowers_loss_and_records_floats():
     dls = DataLoaders.from_tensors(synth_images(128), valid=synth_images(64, seed=1), bs=16)
     learn = Learner(dls, tiny_cnn(), loss_func=F.cross_entropy, metrics=accuracy, lr=1e-2, progress=False)
     learn.fit(3)
-    rows = learn.recorder.values
-    assert [r['epoch'] for r in rows] == [0, 1, 2]
-    assert rows[-1]['train_loss'] < rows[0]['train_loss']
-    assert all(type(l) is float for l in learn.recorder.losses)
-    assert len(learn.recorder.losses) == 3 * 8
+    rec = learn.recorder
+    assert rec.column('epoch') == [0, 1, 2] and len(rec.values) == 3
+    assert rec.column('train_loss')[-1] < rec.column('train_loss')[0]
+    assert all(type(l) is float for l in rec.losses + rec.batch_losses)
+    assert len(rec.losses) == len(rec.batch_losses) == 3 * 8 and rec.iters == [8, 16, 24]
 
 
 from functools import partial
@@ -44,7 +44,7 @@ def test_opt_func_called_with_lr_and_wd_only_when_given():
 def test_plain_torch_optimizers_work(opt_func):
     learn = small_learner(opt_func=opt_func, lr=0.05)
     learn.fit(1)
-    assert isinstance(learn.opt, torch.optim.Optimizer)
+    assert isinstance(learn.opt.opt, torch.optim.Optimizer) and learn.opt.param_groups is learn.opt.opt.param_groups
     if isinstance(opt_func, partial): assert learn.opt.param_groups[0]['betas'] == (0.8, 0.99)
 
 
@@ -132,7 +132,7 @@ def test_save_load_roundtrip_real_file(tmp_path):
 def test_removed_cbs_by_class_restores_the_same_instances():
     learn = small_learner()
     rec = learn.recorder
-    rec.losses.append(1.5)
+    rec.batch_losses.append(1.5)
     with learn.removed_cbs(Recorder):
         assert not any(isinstance(c, Recorder) for c in learn.cbs)
-    assert learn.recorder is rec and rec.losses[-1] == 1.5
+    assert learn.recorder is rec and rec.batch_losses[-1] == 1.5

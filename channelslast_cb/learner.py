@@ -23,6 +23,9 @@ from channelslast_cb.core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
     annotate_error)
+from channelslast_cb.guards import (
+    as_cbs, as_metrics, check_batches, check_loss, check_model_device, check_number, check_one_cycle, metric_value,
+    warn_nonfinite)
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
@@ -72,11 +75,8 @@ class DataLoaders:
                  valid: Iterable | None = None,        # validation batches, or None
                  device: str | torch.device | None = None,  # where batches go; None: the model's device
                  n_inp: int | None = None):            # inputs per batch; None: all but the last element
-        if train is None or not isinstance(train, Iterable):
-            raise TypeError(f"`train` must be an iterable of batches (e.g. a torch DataLoader), got {type(train).__name__}")
-        if hasattr(train, '__len__') and len(train) == 0:
-            raise ValueError("The training set is empty: `train` has no batches. Check the dataset, and the batch "
-                             "size with `drop_last=True` (a dataset smaller than one batch then gives none).")
+        check_batches(train, 'train')  # an iterable that is not a one-shot iterator, not known to be empty
+        if valid is not None: check_batches(valid, 'valid')
         if n_inp is not None and n_inp < 1: raise ValueError(f"n_inp must be at least 1, got {n_inp}")
         self.train, self.valid, self.n_inp = train, valid, n_inp
         self.device = None if device is None else torch.device(device)
@@ -126,6 +126,7 @@ class Recorder(Callback):
     "Record losses, learning rates, metrics and times; print a table row per epoch"
     order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
     _flush_every = 64
+    _warned_nonfinite = False  # whether this fit already warned about a nan/inf training loss
 
     def __init__(self, print_table: bool = True):  # print a row per epoch during `fit`
         super().__init__()
@@ -143,7 +144,7 @@ class Recorder(Callback):
     def before_fit(self):
         if self.learn.fitting:  # `validate`/`get_preds` keep the history
             self.losses, self.lrs, self.values = [], [], []
-            self._header_done = False
+            self._header_done = self._warned_nonfinite = False
         self._start_epoch()
 
     # Every accumulator is (re)set at the start of the fit and of each epoch, so that an `after_*` handler still
@@ -167,11 +168,13 @@ class Recorder(Callback):
         else:
             bs = learn.bs
             self._vsum += loss.float() * bs
-            for i, m in enumerate(learn.metrics): self._msum[i] += m(learn.pred, *learn.yb).float() * bs
+            for i, m in enumerate(learn.metrics): self._msum[i] += metric_value(m(learn.pred, *learn.yb), m) * bs
             self._vn += bs
 
     def _flush(self):
+        n = len(self.losses)
         if self._pending: self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+        if not self._warned_nonfinite: self._warned_nonfinite = warn_nonfinite(self.losses, n)  # once per fit, no sync
         self._ep_bs.extend(self._pending_bs)
         self._pending, self._pending_bs = [], []
 
@@ -282,7 +285,7 @@ class OneCycleScheduler(Callback):
     def __init__(self, lr_max: float, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
                  moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
         super().__init__()
-        if not 0 < pct_start < 1: raise ValueError(f"pct_start must be between 0 and 1, got {pct_start}")
+        check_one_cycle(lr_max, div, div_final, pct_start, moms)
         self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
 
     def before_fit(self):
@@ -342,12 +345,13 @@ class Learner:
             raise TypeError(f"loss_func must be callable as loss_func(pred, *targets), got {loss_func!r} "
                             f"(e.g. torch.nn.functional.cross_entropy)")
         if not callable(opt_func): raise TypeError(f"opt_func must be callable as opt_func(params, lr=...), got {opt_func!r}")
-        metrics = [] if metrics is None else [metrics] if callable(metrics) else list(metrics)
-        for m in metrics:
-            if not callable(m): raise TypeError(f"each metric must be a function (pred, targ) -> tensor, got {m!r}")
+        metrics = as_metrics(metrics)  # a string, a number, a list holding one: TypeError saying what to pass
+        check_number('lr', lr, 0, False, hint="e.g. lr=1e-3")
+        check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
         self.dls, self.loss_func, self.opt_func, self.lr, self.wd = dls, loss_func, opt_func, lr, wd
         self.metrics, self.path, self.model_dir = metrics, Path(path), Path(model_dir)
         self.device = torch.device(device) if device is not None else dls.device or model_device(model)
+        check_model_device(model, self.device)
         self.model = model.to(self.device)
         self.opt, self.training, self.fitting, self.epoch, self.n_epoch = None, False, False, 0, 1
         self.iter, self.n_iter, self.n_iter_known, self.pct_train, self.train_iter = 0, 0, False, 0., 0
@@ -367,10 +371,7 @@ def model_device(model: nn.Module, default: str | torch.device = 'cpu') -> torch
     return p.device if p is not None else torch.device(default)
 
 
-def _as_list(cbs) -> list:
-    if cbs is None: return []
-    if isinstance(cbs, (Callback, type)): return [cbs]
-    return list(cbs)
+def _as_list(cbs) -> list: return as_cbs(cbs)  # a string or a number: TypeError saying what to pass
 
 # %% ../nbs/01_learner.ipynb #3aeea47a
 @patch
@@ -497,6 +498,7 @@ def _do_one_batch(self: Learner):
     self('after_pred')
     if self.yb:
         self.loss_grad = self.loss_func(self.pred, *self.yb)
+        if self.iter == 0: check_loss(self.loss_grad, self.loss_func, self.training)  # a float, a vector, no grad
         self.loss = self.loss_grad.detach()
     self('after_loss')
     if not self.training: return
@@ -600,11 +602,14 @@ def fit(self: Learner,
         reset_opt: bool = False):     # build a new optimizer (dropping its state) first
     "Train for `n_epoch` epochs"
     self._check_epochs(n_epoch)
+    check_number('lr', lr, 0, False, none_ok=True, hint="e.g. lr=1e-3")
+    check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
         for g in self.opt.param_groups:
             if lr is not None: g['lr'] = lr
             if wd is not None: g['weight_decay'] = wd
+        self.model.zero_grad(set_to_none=True)  # a fit starts clean: an interrupted batch leaves its gradients
         self._session(self._do_fit, n_epoch, fitting=True)
     return self
 
@@ -694,9 +699,16 @@ def validate(self: Learner, ds_idx: int = 1, dl=None, cbs=None) -> list[float]:
     "Loss and metrics on `dl` (default: the validation set), as `[valid_loss, *metrics]`"
     dl = self.dls[ds_idx] if dl is None else dl
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or validate(dl=...)")
+    check_batches(dl, 'dl', one_shot_ok=True)
     with self.added_cbs(cbs):
         self._validate_session(dl)
-    return self.recorder.final_record
+    res = self.recorder.final_record
+    if res is None: raise ValueError(_NO_BATCHES.format('validate'))
+    return res
+
+
+_NO_BATCHES = ("{}: `dl` yielded no batches (an iterator already used up, or a dataset that is empty), or a callback "
+               "cancelled validation before the first one: there is nothing to report")
 
 
 @patch
@@ -705,9 +717,11 @@ def get_preds(self: Learner, ds_idx: int = 1, dl=None, with_input: bool = False,
     "Predictions and targets on `dl` (default: the validation set): `([inputs,] preds, targs[, losses])`"
     dl = self.dls[ds_idx] if dl is None else dl
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or get_preds(dl=...)")
+    check_batches(dl, 'dl', one_shot_ok=True)
     gather = GatherPreds(with_input, with_loss, act)
     with self.added_cbs([gather, *_as_list(cbs)]):
         self._validate_session(dl)
+    if not gather.preds: raise ValueError(_NO_BATCHES.format('get_preds'))
     res = (_cat(gather.preds), _cat(gather.targs))
     if with_input: res = (_cat(gather.inputs),) + res
     if with_loss: res = res + (_cat(gather.losses),)

@@ -1,14 +1,18 @@
 """Bad input and faults found by an outside probe (issue 14): each gets a clear error at the call (naming the
 argument, the value and the fix) or a warning, and leaves the learner able to train."""
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from channelslast_cb import bench
 from channelslast_cb.core import Callback
+from channelslast_cb.distributed import as_timeout  # noqa: F401 (also gives Learner its distrib_ctx)
 from channelslast_cb.fp16 import MixedPrecision
 from channelslast_cb.guards import TerminateOnNaNCallback
 from channelslast_cb.learner import DataLoaders, Learner, TensorBatches, accuracy
@@ -228,3 +232,78 @@ def test_meta_model_is_refused_at_learner():
     with torch.device('meta'): model = tiny_cnn()
     with pytest.raises(ValueError, match=r"'meta' device.*to_empty"): make_learner(model)
     with pytest.raises(ValueError, match=r"'meta' device"): make_learner(tiny_cnn(), device='meta')
+
+
+# --- 6. channelslast-bench output paths -----------------------------------------------------------------------
+
+BENCH = ['test_resnet', '--img-size', '32', '--batch-size', '2', '--steps', '1', '--repeats', '1', '--warmup', '0',
+         '--precision', 'fp32', '--device', 'cpu']
+
+
+@pytest.mark.parametrize('flag, path, why', [
+    ('--csv', '/proc/nope.csv', 'cannot create files in /proc'),
+    ('--json', '{tmp}/afile/r.json', 'afile is a file, not a folder'),
+    ('--plot', '{tmp}/adir.png', 'is a directory; give a file name')])
+def test_bench_checks_every_output_path_before_timing(flag, path, why, tmp_path, capsys):
+    (tmp_path / 'afile').write_text(''); (tmp_path / 'adir.png').mkdir()
+    path = path.format(tmp=tmp_path)
+    others = {'--csv': tmp_path / 'ok.csv', '--json': tmp_path / 'ok.json', '--plot': tmp_path / 'ok.png'}
+    others[flag] = path
+    with pytest.raises(SystemExit) as e:
+        bench.main([*BENCH, *(str(a) for kv in others.items() for a in kv)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {path}: " in err and why in err
+    assert 'round' not in err  # nothing was timed
+    assert not any(p.exists() for k, p in others.items() if k != flag)  # no output written either
+
+
+def test_bench_writes_the_outputs_it_can_and_names_the_one_that_failed(tmp_path, monkeypatch, capsys):
+    files = {'--csv': tmp_path / 'r.csv', '--json': tmp_path / 'r.json', '--plot': tmp_path / 'r.png'}
+    real = bench.iter_bench
+
+    def run_then_break_csv(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        files['--csv'].mkdir()  # a real fault after the checks: someone made a folder where the CSV goes
+    monkeypatch.setattr(bench, 'iter_bench', run_then_break_csv)
+    code = bench.main([*BENCH, *(str(a) for kv in files.items() for a in kv)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"could not write --csv {files['--csv']}" in err
+    assert json.loads(files['--json'].read_text())['rows'][0]['model'] == 'test_resnet'
+    assert files['--plot'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# --- 7. DDP: one layout for all ranks, and a timeout for a frozen rank ---------------------------------------
+
+@pytest.fixture(scope='module')
+def ddp(tmp_path_factory):
+    "What the two ranks of one `torchrun` launch of `ddp_badinput_worker.py` saw"
+    from test_distributed import torchrun
+    out = tmp_path_factory.mktemp('ddp_bad')
+    torchrun('tests/ddp_badinput_worker.py', str(out), timeout=240)
+    read = lambda name: json.loads((out / name).read_text())
+    return dict(auto=[read(f'auto{r}.json')['auto'] for r in (0, 1)], frozen=[read(f'rank{r}.json') for r in (0, 1)])
+
+
+def test_auto_layout_under_ddp_is_one_decision_for_all_ranks(ddp):
+    r0, r1 = ddp['auto']
+    assert (r0['alone'], r1['alone']) == ('channels_last', 'contiguous')  # each rank alone would choose differently
+    assert r0['decision'] == r1['decision'] == 'contiguous'  # the mean of the ranks' timings: 1.5 ms vs 2.0 ms
+    assert r0['layout'] == r1['layout'] == 'contiguous' and r0['model_cl'] is r1['model_cl'] is False
+    assert r0['ratio'] == r1['ratio'] == pytest.approx(0.75)
+
+
+def test_frozen_rank_fails_within_the_timeout(ddp):
+    r0, r1 = ddp['frozen']
+    assert 'error' in r0, r0  # rank 0's fit failed instead of waiting
+    assert r0['elapsed'] < 60, r0  # distrib_ctx(timeout=3): seconds, not torch's default 30 minutes
+    assert 'timeout' in r0['message'].lower() or 'timed out' in r0['message'].lower(), r0
+
+
+@pytest.mark.parametrize('timeout, match', [('30', "timeout must be a number of seconds.*'30'"), (True, 'got True'),
+                                            (0, r'finite time > 0 .*, got 0'), (math.inf, 'got inf')])
+def test_distrib_ctx_checks_timeout(timeout, match):
+    learn = make_learner()
+    with pytest.raises((TypeError, ValueError), match=match):
+        with learn.distrib_ctx(timeout=timeout): pass

@@ -17,8 +17,9 @@ import torch
 from .core import Callback, CancelFitException
 
 # %% auto #0
-__all__ = ['check_number', 'check_moms', 'check_one_cycle', 'as_metrics', 'as_cbs', 'metric_value', 'check_batches',
-           'check_model_device', 'check_loss', 'warn_nonfinite', 'TerminateOnNaNCallback']
+__all__ = ['check_number', 'check_bool', 'check_int', 'as_device', 'check_moms', 'check_one_cycle', 'as_metrics', 'as_cbs',
+           'metric_value', 'check_batches', 'check_model_device', 'check_loss', 'warn_nonfinite',
+           'TerminateOnNaNCallback']
 
 # %% ../nbs/00a_guards.ipynb #1bb7c407
 def check_number(name: str,              # the argument's name, for the message
@@ -42,6 +43,31 @@ def check_number(name: str,              # the argument's name, for the message
            or (high is not None and (v > high if high_ok else v >= high)))
     if bad: raise ValueError(f"{name} must be {want}, got {value!r}{tail}")
     return value
+
+# %% ../nbs/00a_guards.ipynb #75b35018
+def check_bool(name: str, value, none_ok: bool = False):
+    "Raise unless `value` is True or False (or None when `none_ok`): a truthy string or number is not a switch"
+    if isinstance(value, bool) or (value is None and none_ok): return value
+    raise TypeError(f"{name} must be True or False{' or None' if none_ok else ''}, got {value!r}")
+
+
+def check_int(name: str, value, low: int | None = None, none_ok: bool = False):
+    "Raise unless `value` is an int (not a bool) >= `low` (or None when `none_ok`)"
+    if value is None and none_ok: return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r} (a {type(value).__name__})")
+    if low is not None and value < low: raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def as_device(device, name: str = 'device') -> torch.device | None:
+    "`device` (None, a `torch.device`, a string like 'cuda:1', or a CUDA index) as a `torch.device`, with a clear error"
+    if device is None or isinstance(device, torch.device): return device
+    if isinstance(device, (str, int)) and not isinstance(device, bool):
+        try: return torch.device(device)
+        except RuntimeError as e: raise ValueError(f"{name}={device!r} is not a torch device ({e}): e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    raise TypeError(f"{name} must be a torch.device, a string like 'cpu' or 'cuda:1', or None, got {device!r} "
+                    f"(a {type(device).__name__})")
 
 # %% ../nbs/00a_guards.ipynb #42e89a03
 def check_moms(moms):
@@ -94,6 +120,8 @@ def as_cbs(cbs, name: str = 'cbs') -> list:
         if isinstance(cb, str):
             raise TypeError(f"{name} holds {cb!r}, which is a string: pass the callback class or an instance, "
                             f"e.g. {cb}()")
+        if not isinstance(cb, type) and not callable(getattr(cb, 'handler', None)):
+            raise TypeError(f"{name} holds {cb!r}, which is not a Callback: pass Callback instances or classes")
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +24,9 @@ from channelslast_cb.core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
     annotate_error)
-from channelslast_cb.guards import (
-    as_cbs, as_metrics, check_batches, check_loss, check_model_device, check_number, check_one_cycle, metric_value,
-    warn_nonfinite)
+from .guards import (
+    as_cbs, as_device, as_metrics, check_batches, check_bool, check_int, check_loss, check_model_device, check_number,
+    check_one_cycle, metric_value, warn_nonfinite)
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
@@ -77,9 +78,9 @@ class DataLoaders:
                  n_inp: int | None = None):            # inputs per batch; None: all but the last element
         check_batches(train, 'train')  # an iterable that is not a one-shot iterator, not known to be empty
         if valid is not None: check_batches(valid, 'valid')
-        if n_inp is not None and n_inp < 1: raise ValueError(f"n_inp must be at least 1, got {n_inp}")
+        check_int('n_inp', n_inp, 1, none_ok=True)
         self.train, self.valid, self.n_inp = train, valid, n_inp
-        self.device = None if device is None else torch.device(device)
+        self.device = as_device(device)
 
     def __getitem__(self, i: int): return (self.train, self.valid)[i]
 
@@ -348,9 +349,12 @@ class Learner:
         metrics = as_metrics(metrics)  # a string, a number, a list holding one: TypeError saying what to pass
         check_number('lr', lr, 0, False, hint="e.g. lr=1e-3")
         check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
+        check_bool('progress', progress, none_ok=True)
+        for k, v in (('path', path), ('model_dir', model_dir)):
+            if not isinstance(v, (str, os.PathLike)): raise TypeError(f"{k} must be a folder (a str or a Path), got {v!r}")
         self.dls, self.loss_func, self.opt_func, self.lr, self.wd = dls, loss_func, opt_func, lr, wd
         self.metrics, self.path, self.model_dir = metrics, Path(path), Path(model_dir)
-        self.device = torch.device(device) if device is not None else dls.device or model_device(model)
+        self.device = as_device(device) or dls.device or model_device(model)
         check_model_device(model, self.device)
         self.model = model.to(self.device)
         self.opt, self.training, self.fitting, self.epoch, self.n_epoch = None, False, False, 0, 1
@@ -430,8 +434,9 @@ def remove_cbs(self: Learner, cbs: Iterable) -> Learner:
 def added_cbs(self: Learner, cbs):
     "Context manager: attach `cbs` inside the block, detach them after"
     cbs = [cb() if isinstance(cb, type) else cb for cb in _as_list(cbs)]
-    self.add_cbs(cbs)
-    try: yield self
+    try:
+        self.add_cbs(cbs)  # inside the try: if one of them is refused, the ones added before it are removed too
+        yield self
     finally: self.remove_cbs(cbs)
 
 
@@ -604,6 +609,7 @@ def fit(self: Learner,
     self._check_epochs(n_epoch)
     check_number('lr', lr, 0, False, none_ok=True, hint="e.g. lr=1e-3")
     check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
+    check_bool('reset_opt', reset_opt)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
         for g in self.opt.param_groups:

@@ -55,6 +55,9 @@ def frozen_rank(rank: int, out: Path) -> dict:
     learn.recorder.print_table = False
     done = out / 'rank0_done'
     res = {}
+    # meet first (through files: there is no process group now), so that the 3 s do not start while a rank is late
+    (out / f'ready{rank}').touch()
+    while not all((out / f'ready{r}').exists() for r in (0, 1)): time.sleep(0.01)
     with learn.distrib_ctx(timeout=3):
         if rank == 0:
             t0 = time.monotonic()

@@ -347,7 +347,7 @@ def _check_report_args(model, x, backward, loss_func, train, amp, copy):
         raise TypeError(f"loss_func must be a function loss_func(output) -> scalar tensor, or None, got {loss_func!r}")
     if amp is not None:
         try: AMPMode(amp)
-        except ValueError: raise ValueError(f"amp={amp!r} is not one of 'fp16', 'bf16', or None (float32)") from None
+        except ValueError as e: raise ValueError(f"amp={amp!r}: {e}, or None (float32)") from None
 
 
 def layout_report(model: nn.Module,                 # the model to audit (left unchanged, see `copy`)

@@ -188,7 +188,7 @@ def test_batch_not_x_y_shaped():
     learn = Learner(DataLoaders([(torch.randn(2, 3, 8, 8),)]), tiny_cnn(), loss_func=F.cross_entropy, progress=False)
     with pytest.raises(ValueError, match="has no target.*n_inp"):
         learn.fit(1)
-    with pytest.raises(ValueError, match="n_inp must be at least 1"):
+    with pytest.raises(ValueError, match="n_inp must be an integer >= 1, got 0"):
         DataLoaders([(torch.randn(2, 3, 8, 8), torch.zeros(2))], n_inp=0)
 
 

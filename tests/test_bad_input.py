@@ -89,11 +89,16 @@ def test_finite_loss_does_not_warn():
 
 
 def test_terminate_on_nan_cancels_the_fit_at_the_first_nan():
+    finite = lambda learn: all(torch.isfinite(p).all() for p in learn.model.parameters())
     learn = make_learner(loss_func=nan_after(3), dls=dls(n_train=40, bs=4), cbs=TerminateOnNaNCallback())
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match=r"TerminateOnNaNCallback: the loss is nan at epoch 0, batch 3 \(training\)"):
         fit_quiet(learn, 3)
-    assert learn.train_iter == 3  # batches 1-3 ran to the end; the 4th (nan) cancelled the fit in its after_batch
+    assert learn.train_iter == 3  # batches 0-2 ran; batch 3's nan loss cancelled the fit before its backward
     assert len(learn.recorder.values) == 0  # no epoch finished
+    assert finite(learn)  # the weights are the last finite step's
+    without = make_learner(loss_func=nan_after(3), dls=dls(n_train=40, bs=4))
+    with pytest.warns(RuntimeWarning, match='training loss is nan'): fit_quiet(without, 1)
+    assert not finite(without)  # what it prevents
     assert TerminateOnNaNCallback.order < learn.recorder.order
 
 

@@ -21,6 +21,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .channelslast import to_channels_last
 from .fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
+from .guards import check_bool
 from .learner import Learner, model_device, to_device
 
 # %% auto #0
@@ -335,6 +336,20 @@ def _sum_loss(out) -> torch.Tensor:
     return sum(t.float().sum() for t in ts)
 
 
+def _check_report_args(model, x, backward, loss_func, train, amp, copy):
+    "Raise for an argument of `layout_report` that cannot work, naming it, before the model runs"
+    if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, (torch.Tensor, tuple)) or not any(isinstance(t, torch.Tensor) for t in tree_leaves(x)):
+        raise TypeError(f"x must be the model's input: a tensor, or a tuple of positional inputs holding tensors "
+                        f"(like learn.xb), got {x!r:.80}")
+    check_bool('backward', backward); check_bool('train', train, none_ok=True); check_bool('copy', copy)
+    if loss_func is not None and not callable(loss_func):
+        raise TypeError(f"loss_func must be a function loss_func(output) -> scalar tensor, or None, got {loss_func!r}")
+    if amp is not None:
+        try: AMPMode(amp)
+        except ValueError as e: raise ValueError(f"amp={amp!r}: {e}, or None (float32)") from None
+
+
 def layout_report(model: nn.Module,                 # the model to audit (left unchanged, see `copy`)
                   x,                                # its input: a tensor, or a tuple of positional inputs (like `learn.xb`)
                   backward: bool = False,           # also run a backward pass and count its copies
@@ -344,7 +359,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
                   copy: bool = True                 # audit a deep copy; False: run `model` itself and restore it after
                  ) -> LayoutReport:
     "Run `model` once in channels-last on `x` and report per module where the memory format breaks and copies happen"
-    if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_report_args(model, x, backward, loss_func, train, amp, copy)
     device = model_device(model)
     mode = None if amp is None else check_amp_support(amp, device)
     xb = to_channels_last(to_device(x if isinstance(x, tuple) else (x,), device))

@@ -17,6 +17,7 @@ import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -601,10 +602,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_outputs(args, rows: list[dict], meta: dict, say: Callable[[str], None]):
-    if args.csv: write_csv(rows, args.csv); say(f'wrote {args.csv}')
-    if args.json: write_json(rows, args.json, meta); say(f'wrote {args.json}')
-    if args.plot: plot_speedups(rows, args.plot); say(f'wrote {args.plot}')
+def _output_problem(path: Path) -> str | None:
+    "Why `path` cannot be written (None if it can): a folder, or its nearest existing folder is not writable"
+    if path.is_dir(): return "is a directory; give a file name"
+    folder = path.parent.absolute()
+    while not folder.exists(): folder = folder.parent  # the writers create missing folders below it
+    if not folder.is_dir(): return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder): pass  # the real test: permissions, read-only mounts, /proc, /sys
+    except OSError as e: return f"cannot create files in {folder} ({e.strerror or e})"
+    return None
+
+
+def _write_outputs(args, rows: list[dict], meta: dict, say: Callable[[str], None]) -> list[str]:
+    "Write every output asked for, each on its own: one that fails does not stop the others; return the failed ones"
+    failed = []
+    for flag, path, write in (('--csv', args.csv, lambda p: write_csv(rows, p)),
+                              ('--json', args.json, lambda p: write_json(rows, p, meta)),
+                              ('--plot', args.plot, lambda p: plot_speedups(rows, p))):
+        if path is None: continue
+        try: write(path)
+        except OSError as e:
+            failed.append(flag)
+            print(f"channelslast-bench: error: could not write {flag} {path}: {e}", file=sys.stderr)
+        else: say(f'wrote {path}')
+    return failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -627,8 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join('.' + k for k in sorted(kinds))}")
         if 'fp32' not in precisions:
             parser.error("--plot draws speed-ups over contiguous fp32: add fp32 to --precision")
-    for out in (args.csv, args.json, args.plot):
-        if out is not None and out.is_dir(): parser.error(f"{out} is a directory; give a file name")
+    for flag, out in (('--csv', args.csv), ('--json', args.json), ('--plot', args.plot)):  # before any timing
+        if out is not None and (why := _output_problem(out)): parser.error(f"{flag} {out}: {why}")
     say(f'channelslast-bench on {device} ({device_name(device)}), {torch.get_num_threads()} threads; '
         f'precisions {", ".join(precisions)}')
     for p, why in left_out.items():  # printed even with --quiet: a default that drops a precision is never silent
@@ -653,8 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     print('matmul peak: ' + ', '.join(f'{p} {v:.3f} TFLOP/s' for p, v in meta['matmul_peak_tflops'].items())
           + f' ({meta["peak_method"]})')
-    _write_outputs(args, rows, meta, say)
-    return 0
+    return 1 if _write_outputs(args, rows, meta, say) else 0
 
 # %% ../nbs/05_bench.ipynb #bcd74cdf
 if __name__ == '__main__': sys.exit(main())

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from torch import Tensor, nn
@@ -267,8 +268,22 @@ def _auto_after_step(self: ChannelsLast):
     if self._k == len(self._plan): self._decide()
 
 
+def _times_of_all_ranks(cb: ChannelsLast) -> dict:
+    "`cb.times` averaged step by step over the processes of a distributed run (the same on every rank), else as is"
+    if not (dist.is_available() and dist.is_initialized()): return cb.times
+    group = getattr(getattr(cb.learn, 'distributed_trainer', None), 'group', None)  # DDP's group (None: the default)
+    world = dist.get_world_size(group)
+    if world < 2: return cb.times
+    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(group) == 'nccl' else torch.device('cpu')
+    t = torch.tensor([cb.times[CHANNELS_LAST], cb.times[CONTIGUOUS]], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, group=group)  # every rank reaches this at the same step: the plan has the same length on all
+    cl, cf = (t / world).tolist()
+    return {CHANNELS_LAST: cl, CONTIGUOUS: cf}
+
+
 @patch
 def _decide(self: ChannelsLast):
+    self.times = _times_of_all_ranks(self)  # under DDP every rank decides on the same timings: one layout for all
     med = {k: statistics.median(v) for k, v in self.times.items()}
     b = self.block  # each round timed `block` steps per layout, in order: pair the two blocks of each round
     ratios = [statistics.median(self.times[CONTIGUOUS][r * b:(r + 1) * b]) /
@@ -279,9 +294,10 @@ def _decide(self: ChannelsLast):
                          median=med, steps=len(self._plan))
     self._plan = None
     self.set_layout(layout)
-    self._log(f"ChannelsLast(auto): channels-last runs at {ratio:.3f}x the speed of contiguous (median step "
-              f"{med[CHANNELS_LAST] * 1e3:.2f} ms vs {med[CONTIGUOUS] * 1e3:.2f} ms, {len(self.times[CHANNELS_LAST])} "
-              f"timed steps each); keeping {layout} for the rest of training")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # one decision: said once
+        self._log(f"ChannelsLast(auto): channels-last runs at {ratio:.3f}x the speed of contiguous (median step "
+                  f"{med[CHANNELS_LAST] * 1e3:.2f} ms vs {med[CONTIGUOUS] * 1e3:.2f} ms, {len(self.times[CHANNELS_LAST])} "
+                  f"timed steps each); keeping {layout} for the rest of training")
 
 
 @patch

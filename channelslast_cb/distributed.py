@@ -28,8 +28,8 @@ from .core import Callback
 from .learner import GatherPreds, Learner, ProgressCallback, model_device
 
 # %% auto #0
-__all__ = ['rank_distrib', 'num_distrib', 'setup_distrib', 'teardown_distrib', 'DistributedBatches', 'SizedDistributedBatches',
-           'distribute_dl', 'DistributedTrainer']
+__all__ = ['rank_distrib', 'num_distrib', 'as_timeout', 'setup_distrib', 'teardown_distrib', 'DistributedBatches',
+           'SizedDistributedBatches', 'distribute_dl', 'DistributedTrainer']
 
 # %% ../nbs/06_distributed.ipynb #c74aa5d9
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
@@ -57,9 +57,21 @@ def num_distrib() -> int:
     return dist.get_world_size() if _initialized() else _env_int('WORLD_SIZE', 0)
 
 # %% ../nbs/06_distributed.ipynb #6b07891e
+def as_timeout(timeout: float | datetime.timedelta) -> datetime.timedelta:
+    "`timeout` (seconds, or a `timedelta`) as a `timedelta`; raise unless it is finite and > 0"
+    if isinstance(timeout, datetime.timedelta): secs = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool): secs = float(timeout)
+    else: raise TypeError(f"timeout must be a number of seconds or a datetime.timedelta, got {timeout!r} (a "
+                          f"{type(timeout).__name__}), e.g. timeout=600")
+    if not 0 < secs < float('inf'):
+        raise ValueError(f"timeout must be a finite time > 0 (how long a collective may wait for the other processes), "
+                         f"got {timeout!r}, e.g. timeout=600")
+    return timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=secs)
+
+
 def setup_distrib(device: str | torch.device | None = None,  # where the model trains: CUDA -> nccl, else gloo
                   backend: str | None = None,    # force a backend; None: chosen from `device`
-                  timeout: float | None = None,  # seconds a collective may wait before failing; None: torch's default
+                  timeout: float | datetime.timedelta | None = None,  # how long a collective may wait before failing (seconds or a timedelta); None: torch's default (30 minutes)
                   ) -> bool:
     "Initialise the default process group from torchrun's environment; `True` if this call created it"
     if not dist.is_available():
@@ -80,7 +92,7 @@ def setup_distrib(device: str | torch.device | None = None,  # where the model t
         local = _env_int('LOCAL_RANK')
         if local is None: raise RuntimeError("LOCAL_RANK is not set: it picks the GPU of this process (torchrun sets it)")
         torch.cuda.set_device(local)
-    kw = {} if timeout is None else {'timeout': datetime.timedelta(seconds=timeout)}
+    kw = {} if timeout is None else {'timeout': as_timeout(timeout)}
     dist.init_process_group(backend, init_method='env://', **kw)
     atexit.register(teardown_distrib)  # exiting with a live group aborts the process: end it if nobody did
     return True
@@ -327,14 +339,20 @@ class DistributedTrainer(Callback):
 def to_distributed(self: Learner,
                    sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                    seed: int = 0,          # shuffling seed shared by the ranks
+                   timeout: float | datetime.timedelta | None = None,  # for a process group this call creates: how long a collective may wait (seconds)
                    **ddp_kwargs) -> Learner:  # passed on to `DistributedDataParallel`
     "Train with DDP on the processes of a torchrun launch: set up the process group if needed, add `DistributedTrainer`"
     cb = DistributedTrainer(sync_bn, seed, **ddp_kwargs)  # checks the arguments before anything changes
+    if timeout is not None: as_timeout(timeout)
+    if timeout is not None and _initialized():
+        warnings.warn(f"timeout={timeout!r} cannot take effect: the process group already exists, with the timeout it was "
+                      f"created with. Pass it where the group is created (setup_distrib(timeout=...) or "
+                      f"dist.init_process_group(timeout=...)).")
     old = [c for c in self.cbs if isinstance(c, DistributedTrainer)]
     owns = any(c.owns_group for c in old)
     for c in old: c._restore()
     self.remove_cbs(old)
-    if not _initialized(): owns = setup_distrib(self.device)
+    if not _initialized(): owns = setup_distrib(self.device, timeout=timeout)
     if self.device.type == 'cuda':  # one GPU per process: the one of LOCAL_RANK
         gpu = torch.device('cuda', _env_int('LOCAL_RANK', torch.cuda.current_device()))
         torch.cuda.set_device(gpu)
@@ -358,13 +376,15 @@ def detach_distributed(self: Learner) -> Learner:
 def distrib_ctx(self: Learner,
                 sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                 seed: int = 0,          # shuffling seed shared by the ranks
+                timeout: float | datetime.timedelta | None = None,  # how long a collective may wait for a stuck process (seconds); None: torch's 30 minutes
                 **ddp_kwargs):          # passed on to `DistributedDataParallel`
     "Context manager: train with DDP inside the block when launched by torchrun (else in this process), clean up after"
+    if timeout is not None: as_timeout(timeout)  # checked even when the block runs without DDP
     if not _initialized() and not all(v in os.environ for v in _TORCHRUN_VARS):
         warnings.warn(f"distrib_ctx: not launched by torchrun ({', '.join(_TORCHRUN_VARS)} are not set) and no "
                       f"process group, so this block trains in this single process, without DDP. {_LAUNCH_HINT}")
         yield self
         return
-    self.to_distributed(sync_bn, seed, **ddp_kwargs)
+    self.to_distributed(sync_bn, seed, timeout=timeout, **ddp_kwargs)
     try: yield self
     finally: self.detach_distributed()

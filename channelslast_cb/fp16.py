@@ -328,7 +328,7 @@ class MixedPrecision(Callback):
                                  f"them, or use amp_mode='fp16'.")
             self.scaler_kwargs = {}
         else: self.scaler_kwargs = _check_scaler_kwargs(given)
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and 0 < max_grad_norm < float('inf')):
             raise ValueError(f"max_grad_norm must be a number > 0, or None for no clipping, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
         self.scaler, self.skipped_steps = None, 0

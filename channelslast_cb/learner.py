@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import sys
 import time
 import warnings
@@ -28,6 +29,9 @@ from .core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
     annotate_error, event_handler, is_callback)
+from .guards import (
+    as_cbs, as_device, as_metrics, check_batches, check_bool, check_int, check_loss, check_model_device, check_number,
+    metric_value, warn_nonfinite)
 from .optimizer import as_hyper_opt, wd_keyword
 from .schedule import OneCycleScheduler
 from .progress import ProgressCallback
@@ -80,14 +84,11 @@ class DataLoaders:
                  valid: Iterable | None = None,        # validation batches, or None
                  device: str | torch.device | None = None,  # where batches go; None: the model's device
                  n_inp: int | None = None):            # inputs per batch; None: all but the last element
-        if train is None or not isinstance(train, Iterable):
-            raise TypeError(f"`train` must be an iterable of batches (e.g. a torch DataLoader), got {type(train).__name__}")
-        if hasattr(train, '__len__') and len(train) == 0:
-            raise ValueError("The training set is empty: `train` has no batches. Check the dataset, and the batch "
-                             "size with `drop_last=True` (a dataset smaller than one batch then gives none).")
-        if n_inp is not None and n_inp < 1: raise ValueError(f"n_inp must be at least 1, got {n_inp}")
+        check_batches(train, 'train')  # an iterable that is not a one-shot iterator, not known to be empty
+        if valid is not None: check_batches(valid, 'valid')
+        check_int('n_inp', n_inp, 1, none_ok=True)
         self.train, self.valid, self.n_inp = train, valid, n_inp
-        self.device = None if device is None else torch.device(device)
+        self.device = as_device(device)
 
     def __getitem__(self, i: int): return (self.train, self.valid)[i]
 
@@ -134,6 +135,7 @@ class Recorder(Callback):
     "Record losses, learning rates, metrics and times; log a row per epoch through `learn.logger`"
     order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
     _flush_every = 64
+    _warned_nonfinite = False  # whether this fit already warned about a nan/inf training loss
 
     def __init__(self,
                  print_table: bool = True,  # print a row per epoch during `fit` (the default `learn.logger`)
@@ -165,7 +167,7 @@ class Recorder(Callback):
         if self.learn.fitting:  # `validate`/`get_preds` keep the history
             self.batch_losses, self.lrs, self.values, self.iters, self.times, self.epochs = [], [], [], [], [], []
             self._smooth, self._smooth_val = [], 0.
-            self._header_done = False
+            self._header_done = self._warned_nonfinite = False
         self._start_epoch()
 
     # Every accumulator is (re)set at the start of the fit and of each epoch, so that an `after_*` handler still
@@ -189,11 +191,13 @@ class Recorder(Callback):
         else:
             bs = learn.bs
             self._vsum += loss.float() * bs
-            for i, m in enumerate(learn.metrics): self._msum[i] += m(learn.pred, *learn.yb).float() * bs
+            for i, m in enumerate(learn.metrics): self._msum[i] += metric_value(m(learn.pred, *learn.yb), m) * bs
             self._vn += bs
 
     def _flush(self):
+        n = len(self.batch_losses)
         if self._pending: self.batch_losses.extend(torch.stack(self._pending).float().cpu().tolist())
+        if not self._warned_nonfinite: self._warned_nonfinite = warn_nonfinite(self.batch_losses, n)  # once per fit, no sync
         self._ep_bs.extend(self._pending_bs)
         self._pending, self._pending_bs = [], []
 
@@ -316,12 +320,16 @@ class Learner:
             raise TypeError(f"loss_func must be callable as loss_func(pred, *targets), got {loss_func!r} "
                             f"(e.g. torch.nn.functional.cross_entropy)")
         if not callable(opt_func): raise TypeError(f"opt_func must be callable as opt_func(params, lr=...), got {opt_func!r}")
-        metrics = [] if metrics is None else [metrics] if callable(metrics) else list(metrics)
-        for m in metrics:
-            if not callable(m): raise TypeError(f"each metric must be a function (pred, targ) -> tensor, got {m!r}")
+        metrics = as_metrics(metrics)  # a string, a number, a list holding one: TypeError saying what to pass
+        check_number('lr', lr, 0, False, hint="e.g. lr=1e-3")
+        check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
+        check_bool('progress', progress, none_ok=True)
+        for k, v in (('path', path), ('model_dir', model_dir)):
+            if not isinstance(v, (str, os.PathLike)): raise TypeError(f"{k} must be a folder (a str or a Path), got {v!r}")
         self.dls, self.loss_func, self.opt_func, self.lr, self.wd = dls, loss_func, opt_func, lr, wd
         self.metrics, self.path, self.model_dir = metrics, Path(path), Path(model_dir)
-        self.device = torch.device(device) if device is not None else dls.device or model_device(model)
+        self.device = as_device(device) or dls.device or model_device(model)
+        check_model_device(model, self.device)
         self.model = model.to(self.device)
         self.opt, self.training, self.fitting, self.epoch, self.n_epoch = None, False, False, 0, 1
         self.iter, self.n_iter, self.n_iter_known, self.pct_train, self.train_iter = 0, 0, False, 0., 0
@@ -372,10 +380,7 @@ def _interactive() -> bool:
     return sys.stderr.isatty() or 'ipykernel' in sys.modules
 
 
-def _as_list(cbs) -> list:
-    if cbs is None: return []
-    if isinstance(cbs, type) or is_callback(cbs): return [cbs]
-    return list(cbs)
+def _as_list(cbs) -> list: return as_cbs(cbs)  # a string or a number: TypeError saying what to pass
 
 
 @patch
@@ -449,8 +454,9 @@ def remove_cbs(self: Learner, cbs: Iterable) -> Learner:
 def added_cbs(self: Learner, cbs):
     "Context manager: attach `cbs` inside the block, detach them after"
     cbs = [cb() if isinstance(cb, type) else cb for cb in _as_list(cbs)]
-    self.add_cbs(cbs)
-    try: yield self
+    try:
+        self.add_cbs(cbs)  # inside the try: if one of them is refused, the ones added before it are removed too
+        yield self
     finally: self.remove_cbs(cbs)
 
 
@@ -518,6 +524,7 @@ def _do_one_batch(self: Learner):
     self('after_pred')
     if self.yb:
         self.loss_grad = self.loss_func(self.pred, *self.yb)
+        if self.iter == 0: check_loss(self.loss_grad, self.loss_func, self.training)  # a float, a vector, no grad
         self.loss = self.loss_grad.detach().clone()  # as fastai: a callback changing `loss_grad` leaves `loss` alone
     self('after_loss')
     if not self.training: return
@@ -627,10 +634,14 @@ def fit(self: Learner,
         start_epoch: int = 0):        # resume: skip the epochs before this one (schedules continue where it starts)
     "Train for `n_epoch` epochs, starting at epoch `start_epoch`"
     self._check_epochs(n_epoch, start_epoch)
+    check_number('lr', lr, 0, False, none_ok=True, hint="e.g. lr=1e-3")
+    check_number('wd', wd, 0, none_ok=True, hint="e.g. wd=0.01")
+    check_bool('reset_opt', reset_opt)
     with self.added_cbs(cbs):
         if reset_opt or self.opt is None: self.create_opt(lr)
         if lr is not None: self.opt.set_hyper('lr', lr)
         if wd is not None: self.opt.set_hyper('wd', wd)
+        self.model.zero_grad(set_to_none=True)  # a fit starts clean: an interrupted batch leaves its gradients
         self._session(partial(self._do_fit, start_epoch), n_epoch, fitting=True)
     return self
 
@@ -743,9 +754,15 @@ def validate(self: Learner, ds_idx: int = 1, dl=None, cbs=None) -> list[float]:
     "Loss and metrics on `dl` (default: the validation set), as `[valid_loss, *metrics]`"
     dl = self.dls[ds_idx] if dl is None else dl
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or validate(dl=...)")
+    check_batches(dl, 'dl', one_shot_ok=True)
     with self.added_cbs(cbs):
         self._validate_session(dl)
+    if self.recorder._valid is None: raise ValueError(_NO_BATCHES.format('validate'))
     return self.final_record
+
+
+_NO_BATCHES = ("{}: `dl` yielded no batches (an iterator already used up, or a dataset that is empty), or a callback "
+               "cancelled validation before the first one: there is nothing to report")
 
 
 @patch
@@ -754,9 +771,11 @@ def get_preds(self: Learner, ds_idx: int = 1, dl=None, with_input: bool = False,
     "Predictions and targets on `dl` (default: the validation set): `([inputs,] preds, targs[, losses])`"
     dl = self.dls[ds_idx] if dl is None else dl
     if dl is None: raise ValueError("There is no validation set: pass DataLoaders(train, valid) or get_preds(dl=...)")
+    check_batches(dl, 'dl', one_shot_ok=True)
     gather = GatherPreds(with_input, with_loss, act)
     with self.added_cbs([gather, *_as_list(cbs)]):
         self._validate_session(dl)
+    if not gather.preds: raise ValueError(_NO_BATCHES.format('get_preds'))
     res = (_cat(gather.preds), _cat(gather.targs))
     if with_input: res = (_cat(gather.inputs),) + res
     if with_loss: res = res + (_cat(gather.losses),)

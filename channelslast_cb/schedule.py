@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from .core import Callback
+from .guards import check_one_cycle
 
 # %% auto #0
 __all__ = ['cos_anneal', 'OneCycleScheduler']
@@ -27,7 +28,7 @@ class OneCycleScheduler(Callback):
     def __init__(self, lr_max: float, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
                  moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)):
         super().__init__()
-        if not 0 < pct_start < 1: raise ValueError(f"pct_start must be between 0 and 1, got {pct_start}")
+        check_one_cycle(lr_max, div, div_final, pct_start, moms)  # each argument named in the error, with its fix
         self.lr_max, self.div, self.div_final, self.pct_start, self.moms = lr_max, div, div_final, pct_start, moms
 
     def before_fit(self):

@@ -155,7 +155,11 @@ def test_non_callable_loss_func(loss_func):
 def test_empty_training_set():
     with pytest.raises(ValueError, match="training set is empty"):
         DataLoaders(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 3)), batch_size=2))
-    learn = Learner(DataLoaders(iter(())), tiny_cnn(), loss_func=F.cross_entropy, progress=False)
+    with pytest.raises(TypeError, match="one-shot iterator"): DataLoaders(iter(()))  # would be empty from epoch 2 on
+
+    class NoBatches:  # an iterable without a len() that yields nothing: found only when it runs
+        def __iter__(self): return iter(())
+    learn = Learner(DataLoaders(NoBatches()), tiny_cnn(), loss_func=F.cross_entropy, progress=False)
     with pytest.raises(ValueError, match="yielded no batches"):
         learn.fit(1)
 
@@ -184,7 +188,7 @@ def test_batch_not_x_y_shaped():
     learn = Learner(DataLoaders([(torch.randn(2, 3, 8, 8),)]), tiny_cnn(), loss_func=F.cross_entropy, progress=False)
     with pytest.raises(ValueError, match="has no target.*n_inp"):
         learn.fit(1)
-    with pytest.raises(ValueError, match="n_inp must be at least 1"):
+    with pytest.raises(ValueError, match="n_inp must be an integer >= 1, got 0"):
         DataLoaders([(torch.randn(2, 3, 8, 8), torch.zeros(2))], n_inp=0)
 
 

@@ -93,6 +93,7 @@ class _ForwardIn:
 
 @_on_fastai('_do_one_batch')
 def _do_one_batch(self):
+    "fastai's `_do_one_batch`, with the model's forward pass (only) inside `learn.forward_context()`"
     ctx = self.forward_context
     if ctx is contextlib.nullcontext: return _ORIG['_do_one_batch'](self)
     with _ForwardIn(self.model, ctx): return _ORIG['_do_one_batch'](self)
@@ -109,6 +110,7 @@ def _fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch
 
 @_on_fastai('__enter__')
 def _enter(self):
+    "fastai's `with learn:` (validate, get_preds), starting without a `forward_context`"
     saved = self.__dict__.setdefault('_cl_saved_contexts', [])
     saved.append(self.forward_context)
     self.forward_context = contextlib.nullcontext
@@ -120,6 +122,7 @@ def _enter(self):
 
 @_on_fastai('__exit__')
 def _exit(self, *exc):
+    "fastai's end of `with learn:`, putting back the `forward_context` the validation found, however it ends"
     try: return _ORIG['__exit__'](self, *exc)
     finally: self.forward_context = self.__dict__['_cl_saved_contexts'].pop()
 
@@ -129,6 +132,7 @@ _CANCELS = {getattr(fastai_core, c.__name__): (getattr(fastai_core, c.__name__),
 
 @_on_fastai('_with_events')
 def _with_events(self, f, event_type, ex, final=noop):
+    "fastai's `_with_events`, catching our cancel exception of the same name with fastai's `ex`"
     return _ORIG['_with_events'](self, f, event_type, _CANCELS.get(ex, ex), final)
 
 # %% ../nbs/09_fastai.ipynb #290302d6

@@ -74,6 +74,14 @@ _on_fastai('forward_context')(contextlib.nullcontext)  # a class attribute: ever
 _on_fastai('fitting')(False)
 
 
+def _device(self) -> torch.device:
+    "Where the model is: the device of its first parameter (the `DataLoaders`' for a model without parameters)"
+    dls_device = getattr(self.dls, 'device', None)
+    return model_device(self.model, dls_device if dls_device is not None else 'cpu')
+
+_on_fastai('device')(property(_device))  # our callbacks and `to_*` helpers read `learn.device`, as on our Learner
+
+
 class _ForwardIn:
     "Model hooks that enter `ctx()` when `model`'s forward starts and leave it when the forward returns or raises"
     def __init__(self, model: torch.nn.Module, ctx):

@@ -532,6 +532,14 @@ def test_channels_last_auto_in_fastais_loop(capsys):
     assert learn.to_channelslast(auto=True, use_amp=False) is learn and learn.channels_last is cl  # kept, as asked
 
 
+def test_device_is_where_the_model_is():
+    "Our callbacks and to_* helpers read `learn.device`, as on our Learner; fastai's has none of its own"
+    learn = learner()
+    assert learn.device == torch.device('cpu')
+    assert learner(nn.Sequential(nn.Flatten())).device == torch.device('cpu')  # no parameters: the dls' device
+    with pytest.raises(AttributeError): learn.device = 'cuda'  # read-only: it follows the model
+
+
 def test_layout_report_on_a_fastai_learner():
     learn = learner(tiny_cnn())
     assert learn.layout_report().amp is None
@@ -549,6 +557,7 @@ def test_unpatch_restores_fastais_methods(patched):
             assert flearner.Learner.__dict__.get(k, patched._MISSING) is v, k
         learn = learner()
         assert learn.to_channelslast(use_amp=False).to_channelslast() is None  # fastai 2.8's own, wrong
+        assert not hasattr(learn, 'device') and not hasattr(learn, 'forward_context')
     finally: patched.patch_fastai()
     assert flearner.Learner.to_channelslast is patched._OURS['to_channelslast']
 

@@ -180,8 +180,7 @@ class ChannelsLast(Callback):
     def _log(self, msg: str):
         learn = self.learn
         if callable(getattr(type(learn), 'log', None)): learn.log(msg)
-        elif callable(getattr(learn, 'logger', None)): learn.logger(msg)  # a fastai Learner
-        else: print(msg)
+        else: print(msg)  # a fastai Learner: its `logger` takes epoch rows (its progress bar's table), and its callbacks print
 
     def set_layout(self, layout: str):
         "Put the model, its gradients and the optimizer state in `layout` ('channels_last' or 'contiguous')"

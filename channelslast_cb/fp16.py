@@ -381,7 +381,7 @@ class MixedPrecision(Callback):
 
     def before_fit(self):
         learn = self.learn
-        device = model_device(learn.model, learn.device)
+        device = model_device(learn.model)  # a fastai Learner has no `device`
         check_amp_support(self.amp_mode, device)
         if self.amp_mode is AMPMode.FP16:
             if self._unscaled: self._close_step()  # the last fit died between before_step and after_step

@@ -5,6 +5,7 @@ The one module that gathers names; the library's own modules import explicitly. 
 from .core import *
 from .learner import *
 from .fp16 import *
+from .repair import *
 from .channelslast import *
 from .audit import *
 from .bench import *

@@ -105,9 +105,11 @@ class SelfAttentionCL(nn.Module):
         cl = _format_of(x) is torch.channels_last
         x = x.view(*size[:2], -1)  # (N, C, H*W); with channels-last memory its channel stride is 1
         f, g, h = self.query(x), self.key(x), self.value(x)
-        beta = F.softmax(torch.bmm(f.transpose(1, 2), g), dim=1)
-        if not cl: return (self.gamma * torch.bmm(h, beta) + x).view(*size).contiguous()  # the original
-        o = torch.bmm(beta.transpose(1, 2), h.transpose(1, 2)).transpose(1, 2)  # h @ beta, written (N, H*W, C)
+        if not cl:  # the original
+            beta = F.softmax(torch.bmm(f.transpose(1, 2), g), dim=1)
+            return (self.gamma * torch.bmm(h, beta) + x).view(*size).contiguous()
+        beta_t = F.softmax(torch.bmm(g.transpose(1, 2), f), dim=2)  # beta transposed, computed as such: no copy of it
+        o = torch.bmm(beta_t, h.transpose(1, 2)).transpose(1, 2)    # (h @ beta) written as (N, H*W, C): channels-last
         return (self.gamma * o + x).view(*size)
 
 # %% ../nbs/02b_repair.ipynb #1950f0f0

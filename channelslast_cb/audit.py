@@ -23,6 +23,7 @@ from .channelslast import to_channels_last
 from .fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
 from .guards import check_bool
 from .learner import Learner, model_device, to_device
+from .repair import LayoutFix, repair_plan
 
 # %% auto #0
 __all__ = ['layout_of', 'LayoutReport', 'layout_report']
@@ -107,6 +108,11 @@ class LayoutReport:
         return self.n_fwd_copies + self.n_bwd_copies
 
     @property
+    def repairable(self) -> list[dict]:
+        "The flagged rows whose break `repair_layout` removes (see each row's `repair`: the modules it rewrites)"
+        return [r for r in self.breaks if r.get('repairable')]
+
+    @property
     def n_mixed(self) -> int:
         "Ops (not copies) that read an operand in another layout than the one they write"
         return sum(r['mixed'] for r in self.rows)
@@ -125,12 +131,20 @@ class LayoutReport:
         return (f"Layout report for {self.model or 'the model'} in channels-last ({what}, {prec}, "
                 f"{'train' if self.training else 'eval'} mode, {len(self.rows)} modules ran): "
                 f"{nb} flagged module{'s' * (nb != 1)}; layout-changing copies: {copies}; "
-                f"{self.n_mixed} mixed-layout op{'s' * (self.n_mixed != 1)}.")
+                f"{self.n_mixed} mixed-layout op{'s' * (self.n_mixed != 1)}."
+                + (f" repair_layout(model) would fix {len(self.repairable)} of the {nb} flagged." if nb else ''))
 
     def _cells(self, r: dict) -> list[str]:
         copies = f"{r['copies']}/{r['bwd_copies']}" if self.backward else str(r['copies'])
         return [r['path'] or '(model)', r['type'], str(r['calls']), f"{r['in_format']} -> {r['out_format']}", copies,
                 str(r['mixed'])]
+
+    @staticmethod
+    def _fix(r: dict) -> str:
+        paths = r.get('repair', '')
+        if not paths: return ''
+        return (f" [repair_layout fixes it: rewrites {paths}]" if r.get('repairable') else
+                f" [repair_layout knows the pattern at {paths} but cannot fix it: see repair_plan(model)]")
 
     def _header(self) -> list[str]:
         return ['path', 'type', 'calls', 'in -> out', 'copies fwd/bwd' if self.backward else 'copies', 'mixed']
@@ -145,7 +159,8 @@ class LayoutReport:
         lines = [self.summary(), '', fmt(head, '   ')]
         lines += [fmt(c, '!! ' if r['breaks'] else '   ') for r, c in zip(rows, body)]
         if self.breaks:
-            lines += ['', '!! flagged:'] + [f"   {r['path'] or '(model)'} ({r['type']}): {r['why']}" for r in self.breaks]
+            lines += ['', '!! flagged:'] + [f"   {r['path'] or '(model)'} ({r['type']}): {r['why']}{self._fix(r)}"
+                                            for r in self.breaks]
         lines += ['', "copies: layout-changing copies made inside the module itself (not its children); mixed: ops that "
                       "read an operand in another layout than they write (no copy, strided access); see .events"]
         return '\n'.join(lines)
@@ -158,7 +173,7 @@ class LayoutReport:
         head = self._header() + ['break']
         lines = [esc(self.summary()), '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for r in self.rows:
-            cells = [esc(c) for c in self._cells(r)] + [esc(r['why'])]
+            cells = [esc(c) for c in self._cells(r)] + [esc(r['why'] + self._fix(r))]
             if r['breaks']: cells[0], cells[-1] = f'**{cells[0]}**', f'**{cells[-1]}**'
             lines.append('| ' + ' | '.join(cells) + ' |')
         return '\n'.join(lines)
@@ -278,9 +293,10 @@ class _Audit:
         if pair is None: return
         s, o = pair
         op = pkt.__name__
+        origin = next((self.origin[t] for t in ins if t in self.origin), None)  # where a non-CL operand lost the format
         self.events.append(dict(path=path, phase='backward' if backward else 'forward', kind=kind, op=op,
                                 src=layout_of(s), dst=layout_of(o), shape=tuple(s.shape),
-                                node=node.name() if backward else None))
+                                node=node.name() if backward else None, origin=origin))
         r = self.row(path)
         if kind == 'mixed': r['mixed'] += 1; return
         r['bwd_copies' if backward else 'copies'] += 1
@@ -302,14 +318,17 @@ class _Audit:
 
 # %% ../nbs/04_audit.ipynb #9c6123e7
 @contextlib.contextmanager
-def _channels_last_model(model: nn.Module, copy: bool):
-    "Yield `model` in channels-last: a deep copy, or `model` itself, restored exactly on exit"
-    if copy:
+def _channels_last_model(model: nn.Module, copy: bool | None):
+    "Yield `model` in channels-last: a deep copy, or `model` itself, restored exactly on exit (None: a copy if one can be made)"
+    twin = None
+    if copy is not False:
         try: twin = deepcopy(model)
-        except Exception as e:
-            raise TypeError(f"layout_report could not deep-copy the model ({type(e).__name__}: {e}). Pass copy=False to "
-                            f"audit the model itself: its weights, buffers, gradients and train/eval mode are restored "
-                            f"afterwards.") from e
+        except Exception as e:  # e.g. fastai's DynamicUnet: its hooks hold non-leaf tensors, which refuse deepcopy
+            if copy:
+                raise TypeError(f"layout_report could not deep-copy the model ({type(e).__name__}: {e}). Pass "
+                                f"copy=None or copy=False to audit the model itself: its weights, buffers, gradients "
+                                f"and train/eval mode are restored afterwards.") from e
+    if twin is not None:
         for p in twin.parameters(): p.grad = None  # the audit's backward starts from no gradient
         yield to_channels_last(twin)
         return
@@ -329,6 +348,18 @@ def _channels_last_model(model: nn.Module, copy: bool):
         for m, t in modes: m.training = t
 
 # %% ../nbs/04_audit.ipynb #58fb22f2
+def _mark_repairs(rows: list[dict], events: list[dict], fixes: list[LayoutFix]):
+    "Give each flagged row the `repair_layout` fixes that remove its break: for its own module, or the module its copy's NCHW operand came from"
+    by_path = {f.path: f for f in fixes}
+    for r in rows:
+        found = [by_path[r['path']]] if r['breaks'] and r['path'] in by_path else []
+        if r['breaks']:
+            found += [by_path[o] for e in events if e['path'] == r['path'] and e['kind'] == 'copy'
+                      and (o := e.get('origin')) in by_path and o != r['path']]
+        r['repair'] = ', '.join(dict.fromkeys(f.path or '(model)' for f in found))  # '' when none
+        r['repairable'] = bool(found) and all(f.repaired for f in found)
+
+
 def _sum_loss(out) -> torch.Tensor:
     ts = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
     if not ts: raise ValueError("backward=True needs a model output that requires grad, and this model returned none "
@@ -356,7 +387,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
                   loss_func: Callable | None = None,  # `loss_func(output) -> scalar` for the backward; default: sum of the outputs
                   train: bool | None = None,        # run in training (True) or eval (False) mode; None: the model's mode
                   amp: str | AMPMode | None = None, # autocast mode 'fp16' or 'bf16'; None: float32
-                  copy: bool = True                 # audit a deep copy; False: run `model` itself and restore it after
+                  copy: bool | None = None          # True: audit a deep copy; False: run `model` itself and restore it after; None: a copy if possible
                  ) -> LayoutReport:
     "Run `model` once in channels-last on `x` and report per module where the memory format breaks and copies happen"
     _check_report_args(model, x, backward, loss_func, train, amp, copy)
@@ -388,7 +419,9 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
         finally:
             for h in hooks: h.remove()
         training = m.training
-    return LayoutReport(audit.records(), audit.events, model=type(model).__name__, backward=backward,
+    rows = audit.records()
+    _mark_repairs(rows, audit.events, repair_plan(model))
+    return LayoutReport(rows, audit.events, model=type(model).__name__, backward=backward,
                         amp=None if mode is None else mode.value, training=training)
 
 # %% ../nbs/04_audit.ipynb #006dcc78
@@ -396,7 +429,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
 def layout_report(self: Learner,
                   backward: bool = False,  # also audit the backward pass of the learner's loss
                   train: bool = True,      # run the model in training mode, as a training step does
-                  copy: bool = True        # audit a copy of `learn.model`; False: the model itself, restored after
+                  copy: bool | None = None  # True: audit a copy of `learn.model`; False: the model itself, restored after; None: a copy if possible
                  ) -> LayoutReport:
     "`layout_report` of `learn.model` on one batch of `dls.train`, with the autocast mode of its `MixedPrecision` if any"
     b = next(iter(self.dls.train), None)

@@ -31,16 +31,19 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .fp16 import AMPMode, amp_speed, autocast_supported, check_amp_speed
+from .repair import repair_layout
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'LAYOUTS', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device', 'supported_precisions',
-           'default_precisions', 'check_precisions', 'device_name', 'synchronize', 'resolve_model', 'create_model',
-           'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'iter_bench', 'bench_models',
-           'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser', 'main']
+__all__ = ['PRECISIONS', 'LAYOUTS', 'REPAIRED', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device',
+           'supported_precisions', 'default_precisions', 'check_precisions', 'device_name', 'synchronize',
+           'resolve_model', 'create_model', 'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner',
+           'iter_bench', 'bench_models', 'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups',
+           'build_parser', 'main']
 
 # %% ../nbs/05_bench.ipynb #e899538a
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 LAYOUTS = ('contiguous', 'channels_last')
+REPAIRED = 'channels_last_repaired'  # --repair: channels-last after `repair_layout`
 MODES = ('train', 'infer')
 
 
@@ -123,6 +126,7 @@ def device_name(device: str | torch.device) -> str:
 # %% ../nbs/05_bench.ipynb #4f06f022
 def _to_layout(obj, layout: str):
     "The model (converted in place) or input tensor `obj` in `layout` ('contiguous' leaves it as created: NCHW)"
+    if layout == REPAIRED and isinstance(obj, nn.Module): repair_layout(obj)  # then channels-last, as the others
     return obj if layout == 'contiguous' else to_channels_last(obj)
 
 
@@ -385,7 +389,7 @@ def iter_bench(models: Sequence[str | nn.Module],           # model names (timm 
                batch_size: int = 16,                         # samples per step
                img_size: int = 224,                          # input height and width
                precisions: Sequence[str] | None = None,      # None: every precision the device supports
-               layouts: Sequence[str] = LAYOUTS,             # 'contiguous' and/or 'channels_last'
+               layouts: Sequence[str] = LAYOUTS,             # 'contiguous', 'channels_last', 'channels_last_repaired'
                steps: int = 10,                              # timed steps per variant per round
                repeats: int = 5,                             # rounds (the median is over these)
                warmup: int = 3,                              # untimed steps per variant first
@@ -399,7 +403,7 @@ def iter_bench(models: Sequence[str | nn.Module],           # model names (timm 
     precisions = check_precisions(precisions, device)
     layouts = list(dict.fromkeys(layouts))
     for l in layouts:
-        if l not in LAYOUTS: raise BenchError(f"layout {l!r} is not one of {', '.join(LAYOUTS)}")
+        if l not in (*LAYOUTS, REPAIRED): raise BenchError(f"layout {l!r} is not one of {', '.join((*LAYOUTS, REPAIRED))}")
     if not layouts: raise BenchError(f"no layout given: use some of {', '.join(LAYOUTS)}")
     for what, v, lo in (('batch_size', batch_size, 1), ('img_size', img_size, 1), ('steps', steps, 1),
                         ('repeats', repeats, 1), ('warmup', warmup, 0), ('in_chans', in_chans, 1)):
@@ -488,7 +492,8 @@ def write_json(rows: Sequence[dict], path: str | Path, meta: dict | None = None)
 # %% ../nbs/05_bench.ipynb #307e07f8
 _COLORS = {('contiguous', 'fp32'): '#9ecae1', ('channels_last', 'fp32'): '#2171b5',
            ('contiguous', 'bf16'): '#fdbe85', ('channels_last', 'bf16'): '#d94801',
-           ('contiguous', 'fp16'): '#a1d99b', ('channels_last', 'fp16'): '#238b45'}
+           ('contiguous', 'fp16'): '#a1d99b', ('channels_last', 'fp16'): '#238b45',
+           (REPAIRED, 'fp32'): '#08306b', (REPAIRED, 'bf16'): '#7f2704', (REPAIRED, 'fp16'): '#00441b'}
 _MODE_TITLES = {'train': 'training step (forward + loss + backward + optimizer step)', 'infer': 'inference (forward only)'}
 
 
@@ -503,7 +508,7 @@ def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_mod
         raise ValueError("no speed-ups to plot: the run needs the reference variant (layout 'contiguous', precision 'fp32')")
     modes = [m for m in MODES if any(r['mode'] == m for r in rows)]
     models = list(dict.fromkeys((r['model'], r['source']) for r in rows))
-    variants = [(l, p) for p in PRECISIONS for l in LAYOUTS if any((r['layout'], r['precision']) == (l, p) for r in rows)]
+    variants = [(l, p) for p in PRECISIONS for l in (*LAYOUTS, REPAIRED) if any((r['layout'], r['precision']) == (l, p) for r in rows)]
     by = {(r['model'], r['source'], r['mode'], r['layout'], r['precision']): r for r in rows}
     width = 0.8 / len(variants)
     fig = Figure(figsize=(max(8.0, 1.6 + len(models) * (0.5 + 0.42 * len(variants))), 1.3 + 3.9 * len(modes)),
@@ -587,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precisions among fp32, bf16, fp16 (autocast); default: every one the device supports, "
                         "but a mode measured much slower than fp32 there (said on stderr)")
     p.add_argument('--inference', action='store_true', help="also time inference (forward only, eval mode)")
+    p.add_argument('--repair', action='store_true',
+                   help="also time channels-last after repair_layout (layout 'channels_last_repaired')")
     p.add_argument('--steps', type=_int_at_least(1), default=10, metavar='N',
                    help="timed steps per variant in each round (default: 10)")
     p.add_argument('--repeats', type=_int_at_least(1), default=5, metavar='N',
@@ -659,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for model_rows in iter_bench(args.models, batch_size=args.batch_size, img_size=args.img_size,
                                      precisions=precisions, steps=args.steps, repeats=args.repeats,
-                                     warmup=args.warmup, inference=args.inference, device=device, log=say):
+                                     warmup=args.warmup, inference=args.inference, device=device, log=say,
+                                     layouts=(*LAYOUTS, REPAIRED) if args.repair else LAYOUTS):
             rows.extend(model_rows)
     except KeyboardInterrupt:
         if rows: print(format_table(apply_peaks(rows)))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .core import Callback
 from .fp16 import AMPMode, MixedPrecision, check_amp_speed
 from .learner import Learner, model_device
+from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
 __all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'to_channels_last', 'to_contiguous_format', 'match_opt_state_layout',
@@ -148,9 +149,12 @@ class ChannelsLast(Callback):
                  warmup: int = 2,     # auto: steps after each layout switch that are not timed
                  block: int = 2,      # auto: timed steps per block (blocks of the two layouts alternate)
                  rounds: int = 4,     # auto: blocks per layout
+                 repair: bool = False,  # rewrite the modules that drop the format (`repair_layout`) when attached and in `before_fit`
                  **handlers):         # extra event handlers, as for any `Callback`
         super().__init__(**handlers)
         if not isinstance(auto, bool): raise TypeError(f"auto must be True or False, got {auto!r}")
+        if not isinstance(repair, bool): raise TypeError(f"repair must be True or False, got {repair!r}")
+        self.repair, self.fixes = repair, LayoutFixes()  # fixes: what `repair_layout` did to the learner's model
         if auto and {'before_batch', 'after_step'} & set(handlers):
             raise TypeError("ChannelsLast(auto=True) times steps with its own before_batch and after_step handlers; "
                             "pass those handlers to a separate Callback")
@@ -170,7 +174,7 @@ class ChannelsLast(Callback):
             # Instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
             self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
 
-    def __repr__(self): return f"ChannelsLast(auto={self.auto}, layout={self.layout!r})"
+    def __repr__(self): return f"ChannelsLast(auto={self.auto}, layout={self.layout!r}{', repair=True' * self.repair})"
 
     def _warn(self, key: str, msg: str):
         if key in self._warned: return
@@ -191,7 +195,17 @@ class ChannelsLast(Callback):
         if getattr(learn, 'opt', None) is not None: match_opt_state_layout(learn.opt)
         self.layout = layout
 
-    def after_create(self): self.set_layout(self.layout)
+    def repair_model(self):
+        "Run `repair_layout` on the learner's model; keep its records in `fixes`, warn once about patterns it cannot fix"
+        fixes = repair_layout(self.learn.model)  # idempotent: a second call finds only what it cannot repair
+        self.fixes.extend(f for f in fixes if f not in self.fixes)
+        if fixes.skipped:
+            self._warn('repair', "ChannelsLast(repair=True) left these channels-last breaks as they are:\n"
+                       + '\n'.join(f'  {f!r}' for f in fixes.skipped))
+
+    def after_create(self):
+        if self.repair: self.repair_model()
+        self.set_layout(self.layout)
 
     def before_fit(self):
         learn = self.learn
@@ -200,6 +214,7 @@ class ChannelsLast(Callback):
                        f"(nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d/3d), so the channels-last layout cannot make it faster; "
                        f"training stays correct, but each batch pays a layout conversion. Remove it with "
                        f"learn.to_contiguous(), or ignore this if the model convolves through functional calls.")
+        if self.repair: self.repair_model()  # the model may have been replaced since
         if self.auto: self._auto_before_fit()
         self.set_layout(self.layout)
         self._check_batch = 'inputs' not in self._warned
@@ -321,10 +336,11 @@ def to_channelslast(self: Learner,
                     use_amp: bool = True,           # also train in mixed precision: one `MixedPrecision(amp_mode, **kwargs)`
                     amp_mode: str | AMPMode = 'fp16',  # 'fp16' (float16 with a GradScaler) or 'bf16' (no scaler)
                     auto: bool = False,             # time both layouts on the first training steps and keep the faster one
+                    repair: bool = False,           # also rewrite the modules that drop the format (`repair_layout`)
                     **kwargs) -> Learner:
     "Train in channels-last: exactly one `ChannelsLast`, and with `use_amp` exactly one `MixedPrecision` as asked"
     # Check everything and build the new callbacks before changing anything: a bad call leaves the learner as it was
-    for k, v in (('use_amp', use_amp), ('auto', auto)):
+    for k, v in (('use_amp', use_amp), ('auto', auto), ('repair', repair)):
         if not isinstance(v, bool): raise TypeError(f"{k} must be True or False, got {v!r}")
     mode = AMPMode(amp_mode)  # "amp_mode 'fp8' is not one of 'fp16', 'bf16'"
     unknown = [k for k in kwargs if k not in _MP_KEYS]
@@ -332,19 +348,20 @@ def to_channelslast(self: Learner,
         close = {c for k in unknown for c in difflib.get_close_matches(k, _MP_KEYS, n=1)}
         hint = f" Did you mean {', '.join(sorted(close))}?" if close else ''
         raise TypeError(f"to_channelslast() got unknown keyword(s) {', '.join(map(repr, unknown))}: it takes use_amp, "
-                        f"amp_mode, auto and the MixedPrecision settings {', '.join(_MP_KEYS)}.{hint}")
+                        f"amp_mode, auto, repair and the MixedPrecision settings {', '.join(_MP_KEYS)}.{hint}")
     if kwargs and not use_amp:
         raise ValueError(f"to_channelslast(use_amp=False) adds no MixedPrecision, so {', '.join(kwargs)} cannot take "
                          f"effect. Drop them, or use use_amp=True (or learn.to_fp16(...) to change the precision alone).")
     new_mp = MixedPrecision(mode, **kwargs) if use_amp else None  # checks the settings (e.g. none with bf16)
     if use_amp: check_amp_speed(mode, model_device(self.model, self.device))  # warns now if much slower than fp32 here
     cls = [cb for cb in self.cbs if isinstance(cb, ChannelsLast)]
-    keep = next((cb for cb in cls if cb.auto == auto), None)  # one already as asked keeps its state
+    keep = next((cb for cb in cls if cb.auto == auto and cb.repair == repair), None)  # one already as asked keeps its state
     mps = [cb for cb in self.cbs if isinstance(cb, MixedPrecision)] if use_amp else []
     keep_mp = next((cb for cb in mps if _same_amp(cb, new_mp)), None)  # keeps its warmed-up GradScaler
 
     self.remove_cbs([cb for cb in cls if cb is not keep])
-    if keep is None: self.add_cb(keep := ChannelsLast(auto=auto))
+    if keep is None: self.add_cb(keep := ChannelsLast(auto=auto, repair=repair))
+    if repair: keep.repair_model()
     if use_amp:
         self.remove_cbs([cb for cb in mps if cb is not keep_mp])
         if keep_mp is None: self.add_cb(new_mp)

@@ -238,8 +238,9 @@ def test_bad_input_errors():
             self.conv = conv(3, 4)
             self.gen = (i for i in range(3))  # generators cannot be deep-copied
         def forward(self, x): return self.conv(x)
-    with pytest.raises(TypeError, match="could not deep-copy the model .*Pass copy=False"):
-        layout_report(NoCopy(), torch.randn(2, 3, 6, 6))
+    with pytest.raises(TypeError, match="could not deep-copy the model .*Pass copy=None or copy=False"):
+        layout_report(NoCopy(), torch.randn(2, 3, 6, 6), copy=True)  # a copy asked for, and none can be made
+    assert layout_report(NoCopy(), torch.randn(2, 3, 6, 6)).breaks == []  # the default audits it in place
     assert layout_report(NoCopy(), torch.randn(2, 3, 6, 6), copy=False).breaks == []
 
 
@@ -302,9 +303,10 @@ def test_records_are_dataframe_ready():
     r = layout_report(breaker(), torch.randn(2, 3, 8, 8))
     recs = r.to_records()
     assert [rec['path'] for rec in recs][:3] == ['', '0', '1']
-    keys = {'path', 'type', 'calls', 'in_format', 'out_format', 'breaks', 'why', 'copies', 'bwd_copies', 'mixed'}
+    keys = {'path', 'type', 'calls', 'in_format', 'out_format', 'breaks', 'why', 'copies', 'bwd_copies', 'mixed', 'repair',
+            'repairable'}
     assert all(set(rec) == keys for rec in recs)
-    assert all(isinstance(rec[k], str) for rec in recs for k in ('path', 'type', 'in_format', 'out_format', 'why'))
+    assert all(isinstance(rec[k], str) for rec in recs for k in ('path', 'type', 'in_format', 'out_format', 'why', 'repair'))
     recs[0]['path'] = 'changed'
     assert r.rows[0]['path'] == ''
     assert len(r.table(breaks_only=True).splitlines()) < len(r.table().splitlines())
@@ -320,3 +322,11 @@ def test_learner_layout_report_after_to_channelslast_and_a_fit():
     assert r.amp == 'bf16' and {row['path'] for row in r.breaks} == {'3'}
     _assert_same(learn.model, snap)
     assert learn.model[0].weight is w and learn.model[0].weight.is_contiguous(memory_format=CL)
+
+
+def test_report_says_which_breaks_repair_layout_fixes():
+    r = layout_report(breaker(), torch.randn(2, 3, 8, 8), backward=True)
+    assert {row['path'] for row in r.breaks} == BREAKS
+    assert [(row['path'], row['repair']) for row in r.repairable] == [('1', '1')]  # the InstanceNorm2d, and only it
+    assert 'repair_layout(model) would fix 1 of the 5 flagged' in r.summary()
+    assert '1 (InstanceNorm2d): channels_last -> contiguous' in str(r) and '[repair_layout fixes it: rewrites 1]' in str(r)

@@ -9,3 +9,4 @@ from .channelslast import *
 from .audit import *
 from .bench import *
 from .distributed import *
+from .compile import *

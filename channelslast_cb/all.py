@@ -13,6 +13,7 @@ from .fp16 import *
 from .repair import *
 from .channelslast import *
 from .audit import *
+from .compile import *
 from .bench import *
 from .distributed import *
 from .checkpoint import *

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
+from .compile import compile_module
 from .fp16 import AMPMode, amp_speed, autocast_supported, check_amp_speed
 from .repair import repair_layout
 
@@ -263,16 +264,24 @@ class BenchRunner:
                  device: torch.device,            # where to run
                  in_chans: int = 3,               # input channels
                  name: str = 'model',             # for the results and progress
-                 source: str = ''):               # 'timm', 'torchvision' or 'module'
+                 source: str = '',                # 'timm', 'torchvision' or 'module'
+                 compiled: bool = False):         # also time each variant compiled (`compile_module`, inductor)
         self.batch_size, self.img_size, self.device, self.name, self.source = batch_size, img_size, device, name, source
         self.variants = [(l, p) for p in precisions for l in layouts]
         self.models = {l: _to_layout(copy.deepcopy(model).to(device), l) for l in layouts}
+        # compiled variants: `(layout, precision, 'compiled')`, each layout on its own compiled copy of the model
+        self.variants += [(l, p, 'compiled') for p in precisions for l in layouts] if compiled else []
+        self.compiled = {l: compile_module(_to_layout(copy.deepcopy(model).to(device), l)) for l in layouts} if compiled else {}
+        self.first_step_s = {}  # seconds of each variant's first (untimed) step: a compiled variant compiles in it
         x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
         self.inputs = {l: _to_layout(x, l) for l in layouts}
         self.params = sum(p.numel() for p in model.parameters())
         self.flops = None
 
-    def _step(self, layout: str, precision: str): raise NotImplementedError
+    def _step(self, layout: str, precision: str, compiled: str = ''): raise NotImplementedError
+
+    def _model(self, layout: str, compiled: str) -> nn.Module:
+        return (self.compiled if compiled else self.models)[layout]
 
     def count_flops(self) -> int:
         "FLOPs of one step (convolutions and matrix products), counted by `FlopCounterMode` in fp32"
@@ -289,8 +298,12 @@ class BenchRunner:
         if self.flops is None:
             log(f'{self.name} {self.mode}: counting FLOPs'); self.flops = self.count_flops()
         for v in self.variants:
-            log(f'{self.name} {self.mode}: warm-up {v[0]} {v[1]} ({warmup} steps)')
-            for _ in range(warmup): self._step(*v)
+            n = max(warmup, 1) if len(v) > 2 else warmup  # a compiled variant compiles in its first step: never timed
+            log(f'{self.name} {self.mode}: warm-up {" ".join(v)} ({n} steps)')
+            for i in range(n):
+                synchronize(self.device); t0 = time.perf_counter()
+                self._step(*v); synchronize(self.device)
+                if i == 0: self.first_step_s[v] = time.perf_counter() - t0
         times = {v: [] for v in self.variants}
         for r in range(repeats):
             k = r % len(self.variants)
@@ -299,11 +312,11 @@ class BenchRunner:
                 for _ in range(steps): self._step(*v)
                 synchronize(self.device)
                 times[v].append((time.perf_counter() - t0) / steps)
-                log(f'{self.name} {self.mode} round {r + 1}/{repeats}: {v[0]} {v[1]} {times[v][-1] * 1e3:.1f} ms/step')
+                log(f'{self.name} {self.mode} round {r + 1}/{repeats}: {" ".join(v)} {times[v][-1] * 1e3:.1f} ms/step')
         return [self._result(v, times, steps, repeats, peaks or {}) for v in self.variants]
 
     def _result(self, v, times, steps, repeats, peaks) -> dict:
-        layout, precision = v
+        layout, precision, *compiled = v
         t = times[v]
         med = statistics.median(t)
         base = times.get(('contiguous', 'fp32'))
@@ -318,6 +331,8 @@ class BenchRunner:
                     speedup=statistics.median(ratios) if ratios else None,
                     speedup_q1=q1, speedup_q3=q3, gflop_per_step=self.flops / 1e9, tflops=tflops, peak_tflops=peak,
                     pct_peak=100 * tflops / peak if peak else None, params_m=self.params / 1e6,
+                    compiled=bool(compiled),  # compile_s: the first step's time beyond a timed step's
+                    compile_s=self.first_step_s[v] - med if compiled and v in self.first_step_s else None,
                     round_ms=[x * 1e3 for x in t])  # the raw numbers (JSON only)
 
 
@@ -328,6 +343,8 @@ class TrainRunner(BenchRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.opts = {l: torch.optim.SGD(m.train().parameters(), lr=1e-4, momentum=0.9) for l, m in self.models.items()}
+        self.opts.update({(l, 'compiled'): torch.optim.SGD(m.train().parameters(), lr=1e-4, momentum=0.9)
+                          for l, m in self.compiled.items()})
         self.scalers = {v: torch.amp.GradScaler(self.device.type) for v in self.variants if v[1] == 'fp16'}
         self.y = None
 
@@ -345,8 +362,9 @@ class TrainRunner(BenchRunner):
         n = out.shape[1] if out.dim() == 2 else 1
         return torch.randint(0, n, (self.batch_size,), device=self.device)
 
-    def _step(self, layout, precision):
-        model, opt, scaler = self.models[layout], self.opts[layout], self.scalers.get((layout, precision))
+    def _step(self, layout, precision, compiled=''):
+        v = (layout, precision, compiled) if compiled else (layout, precision)
+        model, opt, scaler = self._model(layout, compiled), self.opts[(layout, compiled) if compiled else layout], self.scalers.get(v)
         opt.zero_grad(set_to_none=True)
         with _autocast(self.device, precision):
             out = _logits(model(self.inputs[layout]))
@@ -364,15 +382,15 @@ class InferRunner(BenchRunner):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for m in self.models.values(): m.eval()
+        for m in [*self.models.values(), *self.compiled.values()]: m.eval()
 
     def count_flops(self) -> int:
         layout = next(iter(self.models))
         with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as fc, torch.inference_mode(): self.models[layout](self.inputs[layout])
         return fc.get_total_flops()
 
-    def _step(self, layout, precision):
-        with torch.inference_mode(), _autocast(self.device, precision): self.models[layout](self.inputs[layout])
+    def _step(self, layout, precision, compiled=''):
+        with torch.inference_mode(), _autocast(self.device, precision): self._model(layout, compiled)(self.inputs[layout])
 
 # %% ../nbs/05_bench.ipynb #d4de2558
 def _label(m) -> tuple[str, str]:
@@ -397,6 +415,7 @@ def iter_bench(models: Sequence[str | nn.Module],           # model names (timm 
                device: str | torch.device | None = None,     # None: CUDA if available, else CPU
                in_chans: int = 3,                            # input channels
                log: Callable[[str], None] | None = None,     # progress messages, e.g. `print`
+               compiled: bool = False,                       # also time every variant compiled with torch.compile
                ) -> Iterator[list[dict]]:
     "Benchmark `models` as `bench_models` does, yielding the rows of each model and mode as they are done"
     device = resolve_device(device)
@@ -423,7 +442,8 @@ def iter_bench(models: Sequence[str | nn.Module],           # model names (timm 
             log(f'{tag} ({source}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)')
             for runner_cls in (TrainRunner, InferRunner) if inference else (TrainRunner,):
                 try:
-                    runner = runner_cls(model, batch_size, img_size, layouts, precisions, device, in_chans, name, source)
+                    runner = runner_cls(model, batch_size, img_size, layouts, precisions, device, in_chans, name, source,
+                                        compiled=compiled)
                     yield runner.run(steps, repeats, warmup, peaks, lambda msg: log(f'[{i + 1}/{len(models)}] {msg}'))
                 except (RuntimeError, AssertionError, ValueError) as e:
                     raise BenchRunError(f"{name} ({source}) failed in {runner_cls.mode} mode on a batch of {batch_size} x "
@@ -443,21 +463,23 @@ def bench_models(models: Sequence[str | nn.Module], **kwargs) -> list[dict]:
 COLUMNS = ('model', 'source', 'mode', 'layout', 'precision', 'device', 'batch_size', 'img_size', 'steps', 'repeats',
            'samples_per_s', 'step_ms', 'step_ms_min', 'step_ms_max', 'spread_pct', 'speedup', 'speedup_q1', 'speedup_q3',
            'gflop_per_step',
-           'tflops', 'peak_tflops', 'pct_peak', 'params_m')
+           'tflops', 'peak_tflops', 'pct_peak', 'params_m', 'compiled', 'compile_s')
 
 _TABLE = (('model', 'model', '<', '{}'), ('source', 'source', '<', '{}'), ('mode', 'mode', '<', '{}'),
           ('layout', 'layout', '<', '{}'), ('precision', 'precision', '<', '{}'),
           ('samples/s', 'samples_per_s', '>', '{:.1f}'), ('step ms', 'step_ms', '>', '{:.1f}'),
           ('spread', 'spread_pct', '>', '{:.0f}%'), ('speed-up', 'speedup', '>', '{:.2f}x'),
           ('TFLOP/s', 'tflops', '>', '{:.3f}'), ('% peak', 'pct_peak', '>', '{:.1f}'))
+_COMPILE_COLS = (('compiled', 'compiled', '<', '{}'), ('compile s', 'compile_s', '>', '{:.1f}'))  # with --compile only
 
 
 def format_table(rows: Sequence[dict]) -> str:
     "The rows as an aligned text table: model, source, mode, layout, precision, samples/s, step ms, spread, speed-up, TFLOP/s, % peak"
-    cells = [[h for h, *_ in _TABLE]]
-    cells += [['-' if r.get(k) is None else f.format(r[k]) for _, k, _, f in _TABLE] for r in rows]
-    widths = [max(len(c[j]) for c in cells) for j in range(len(_TABLE))]
-    line = lambda c: '  '.join(f'{s:{a}{w}}' for s, (_, _, a, _), w in zip(c, _TABLE, widths)).rstrip()
+    cols = _TABLE + _COMPILE_COLS if any(r.get('compiled') for r in rows) else _TABLE  # compiled, compile s
+    cells = [[h for h, *_ in cols]]
+    cells += [['-' if r.get(k) is None else f.format(r[k]) for _, k, _, f in cols] for r in rows]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cols))]
+    line = lambda c: '  '.join(f'{s:{a}{w}}' for s, (_, _, a, _), w in zip(c, cols, widths)).rstrip()
     return '\n'.join([line(cells[0]), line(['-' * w for w in widths]), *map(line, cells[1:])])
 
 
@@ -503,6 +525,7 @@ def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_mod
     "A grouped bar chart of each variant's speed-up over contiguous fp32, per model; saved to `path`, returned"
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    rows = [r for r in rows if not r.get('compiled')]  # the plot shows the eager variants; the table has compiled ones
     if not rows: raise ValueError("no rows to plot: run bench_models first")
     if all(r.get('speedup') is None for r in rows):
         raise ValueError("no speed-ups to plot: the run needs the reference variant (layout 'contiguous', precision 'fp32')")
@@ -594,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--inference', action='store_true', help="also time inference (forward only, eval mode)")
     p.add_argument('--repair', action='store_true',
                    help="also time channels-last after repair_layout (layout 'channels_last_repaired')")
+    p.add_argument('--compile', action='store_true',
+                   help="also time every variant compiled with torch.compile (inductor); the compile time (the first "
+                        "step beyond a timed one) is reported apart, in 'compile s'")
     p.add_argument('--steps', type=_int_at_least(1), default=10, metavar='N',
                    help="timed steps per variant in each round (default: 10)")
     p.add_argument('--repeats', type=_int_at_least(1), default=5, metavar='N',
@@ -667,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model_rows in iter_bench(args.models, batch_size=args.batch_size, img_size=args.img_size,
                                      precisions=precisions, steps=args.steps, repeats=args.repeats,
                                      warmup=args.warmup, inference=args.inference, device=device, log=say,
-                                     layouts=(*LAYOUTS, REPAIRED) if args.repair else LAYOUTS):
+                                     layouts=(*LAYOUTS, REPAIRED) if args.repair else LAYOUTS,
+                                     compiled=args.compile):
             rows.extend(model_rows)
     except KeyboardInterrupt:
         if rows: print(format_table(apply_peaks(rows)))

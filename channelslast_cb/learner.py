@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from fastcore.basics import patch
+from fastcore.foundation import L
 from torch import nn
 
 from .core import (
@@ -757,6 +758,7 @@ def _contiguous(o):
     if isinstance(o, torch.Tensor): return o.contiguous()
     if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
+    if isinstance(o, L): return [_contiguous(v) for v in o]  # fastai's optimizers keep `hypers` in an `L`: torch.load(weights_only=True) refuses it
     return o
 
 

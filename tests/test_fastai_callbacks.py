@@ -311,6 +311,12 @@ def test_fastai_adam_as_opt_func(layout):
     assert learn.opt.hypers[0]['lr'] == 3e-3
 
 
+def test_fastai_optimizer_gets_wd_by_its_own_keyword():
+    learn = make('plain', opt_func=FastaiAdam, wd=0.05)
+    learn.create_opt()
+    assert learn.opt.hypers[0]['wd'] == 0.05 and type(learn.opt).__name__ == 'Optimizer'  # fastai's, not wrapped
+
+
 def test_fastai_adam_state_saves_loads_and_lr_find_restores_it(tmp_path):
     learn = make('plain', opt_func=FastaiAdam, tmp_path=tmp_path)
     learn.fit(1)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from fastcore.foundation import L
 import torch.distributed as dist
 from torch import nn
 
@@ -223,6 +224,7 @@ def _contiguous(o):
     if isinstance(o, torch.Tensor): return o.contiguous()
     if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
+    if isinstance(o, L): return [_contiguous(v) for v in o]  # fastai's optimizers keep `hypers` in an `L`: torch.load(weights_only=True) refuses it
     return o
 
 

@@ -311,6 +311,16 @@ def test_fastai_adam_as_opt_func(layout):
     assert learn.opt.hypers[0]['lr'] == 3e-3
 
 
+def test_fastai_adam_state_saves_loads_and_lr_find_restores_it(tmp_path):
+    learn = make('plain', opt_func=FastaiAdam, tmp_path=tmp_path)
+    learn.fit(1)
+    w, st = weights(learn), {k: v.clone() for k, v in learn.opt.state[learn.model[0].weight].items() if torch.is_tensor(v)}
+    res = FastaiLearner.lr_find(learn, num_it=8, show_plot=False)   # saves and loads model and optimizer state
+    assert res.valley > 0 and same_weights(weights(learn), w)
+    st2 = learn.opt.state[learn.model[0].weight]
+    assert all(torch.equal(st2[k], v) for k, v in st.items()) and 'grad_avg' in st
+
+
 def test_torch_optimizer_in_fastai_optimwrapper():
     "fastai's OptimWrapper rebuilds `param_groups` on each read: fit(lr=) and fit_one_cycle must go through set_hyper"
     learn = make('plain', opt_func=lambda params, lr: OptimWrapper(params, torch.optim.SGD, lr=lr, momentum=0.9))

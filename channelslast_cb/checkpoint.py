@@ -45,7 +45,7 @@ class TrackerCallback(Callback):
         if not self.learn.fitting: return  # validate/get_preds
         rec = getattr(self.learn, 'recorder', None)
         if rec is None: raise ValueError(f"{type(self).__name__} reads the Recorder's epoch table, and this learner has none")
-        names = list(rec.metric_names[1:])  # the columns of `recorder.values` rows
+        names = [n for n in rec.metric_names[1:] if n != 'time']  # the columns of `recorder.values` rows
         if self.monitor not in names:
             raise ValueError(f"monitor={self.monitor!r} is not a column of the epoch table; the columns are {names}")
         if self.monitor != 'train_loss' and self.learn.dls.valid is None:

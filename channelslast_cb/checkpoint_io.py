@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from fastcore.foundation import L
 import torch.distributed as dist
+from fastcore.foundation import L
 from torch import nn
 
 # %% auto #0
@@ -175,7 +175,7 @@ def opt_name(opt) -> str:
 def check_opt_state(opt, state: dict, path, opt_type: str | None = None):
     "Raise `CheckpointError` if `opt.load_state_dict(state)` would fail or mismatch the parameters, changing nothing"
     fix = "Load with with_opt=False to take the weights only."
-    if not hasattr(opt, 'param_groups'): return  # fastai's own optimizers keep another state format: theirs to check
+    if not isinstance(getattr(opt, 'opt', opt), torch.optim.Optimizer): return  # fastai's own optimizers: their own format
     if not (isinstance(state, dict) and isinstance(state.get('param_groups'), list) and isinstance(state.get('state'), dict)):
         raise CheckpointError(f"The optimizer state in checkpoint {path} is not a torch.optim state dict (no 'state' "
                               f"and 'param_groups'). Nothing was loaded. {fix}")
@@ -224,7 +224,7 @@ def _contiguous(o):
     if isinstance(o, torch.Tensor): return o.contiguous()
     if isinstance(o, dict): return {k: _contiguous(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)): return type(o)(_contiguous(v) for v in o)
-    if isinstance(o, L): return [_contiguous(v) for v in o]  # fastai's optimizers keep `hypers` in an `L`: torch.load(weights_only=True) refuses it
+    if isinstance(o, L): return [_contiguous(v) for v in o]  # fastai's optimizers keep `hypers` in an `L`: weights_only refuses it
     return o
 
 

@@ -77,7 +77,7 @@ def check_moms(moms):
         raise ValueError(f"moms must be None or 3 numbers (momentum at the start, the peak and the end of the cycle), "
                          f"got {moms!r}: e.g. moms=(0.95, 0.85, 0.95)")
     for m in moms:
-        check_number('each of moms', m, 0, True, 1, False, hint=f"got moms={moms!r}; Adam's beta1 or SGD's momentum must be < 1")
+        check_number('each of moms', m, 0, True, 1, False, hint=f"in moms={moms!r} (each becomes Adam's beta1 or SGD's momentum)")
     return moms
 
 

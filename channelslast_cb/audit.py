@@ -373,7 +373,7 @@ def _check_report_args(model, x, backward, loss_func, train, amp, copy):
     if not isinstance(x, (torch.Tensor, tuple)) or not any(isinstance(t, torch.Tensor) for t in tree_leaves(x)):
         raise TypeError(f"x must be the model's input: a tensor, or a tuple of positional inputs holding tensors "
                         f"(like learn.xb), got {x!r:.80}")
-    check_bool('backward', backward); check_bool('train', train, none_ok=True); check_bool('copy', copy)
+    check_bool('backward', backward); check_bool('train', train, none_ok=True); check_bool('copy', copy, none_ok=True)
     if loss_func is not None and not callable(loss_func):
         raise TypeError(f"loss_func must be a function loss_func(output) -> scalar tensor, or None, got {loss_func!r}")
     if amp is not None:

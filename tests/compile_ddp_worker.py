@@ -62,7 +62,7 @@ def main(out: Path):
                model=type(comp.model).__name__, compiled_after=comp.model._compiled_call_impl is not None,
                max_diff=max((p - q).abs().max().item() for p, q in zip(comp.model.parameters(), eager.model.parameters())),
                weights=[p.detach().flatten().tolist()[:8] for p in comp.model.parameters()],
-               valid_loss=comp.recorder.values[-1]['valid_loss'])
+               valid_loss=comp.recorder.column('valid_loss')[-1])
     (out / f'rank{res["rank"]}.json').write_text(json.dumps(res))
     teardown_distrib()
 

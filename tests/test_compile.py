@@ -273,7 +273,7 @@ def test_backend_failing_at_compile_time_warns_once_and_trains_eagerly():
     assert isinstance(learn.torch_compile.failed, torch._dynamo.exc.BackendCompilerFailed)
     assert 'failed: eager' in repr(learn.torch_compile)
     assert_close_params(learn, eager, atol=0)  # exactly the eager run: the failed call ran eagerly
-    assert learn.recorder.values[-1]['valid_loss'] == eager.recorder.values[-1]['valid_loss']
+    assert learn.recorder.column('valid_loss')[-1] == eager.recorder.column('valid_loss')[-1]
     learn.compile(backend=Recording())         # other settings: compiles again
     assert learn.torch_compile.failed is None
 

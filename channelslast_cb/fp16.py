@@ -182,7 +182,9 @@ def amp_speed(amp_mode: str | AMPMode,        # 'fp16' or 'bf16'
     "How fast `amp_mode` trains on `device`'s type next to fp32, measured once per process (None: not probed there)"
     mode, dt = AMPMode(amp_mode), torch.device(device).type
     if dt != 'cpu': return None  # CUDA: fp16 runs on every GPU's fast path, and bf16 is checked by capability
-    if (dt, mode) not in AMP_SPEEDS: AMP_SPEEDS[dt, mode] = measure_amp_speed(mode)
+    if (dt, mode) not in AMP_SPEEDS:
+        if not autocast_supported(mode, dt)[0]: return None  # cannot take effect at all: `check_amp_support` raises
+        AMP_SPEEDS[dt, mode] = measure_amp_speed(mode)
     return AMP_SPEEDS[dt, mode]
 
 

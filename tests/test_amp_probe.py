@@ -292,3 +292,11 @@ def test_bench_cli_says_what_it_left_out(fresh, tmp_path, capsys, monkeypatch):
     d = json.loads(out.read_text())
     assert {r['precision'] for r in d['rows']} == {'fp32', 'bf16'}
     assert list(d['meta']['precisions_left_out']) == ['fp16']
+
+
+def test_a_mode_that_cannot_take_effect_is_not_probed(fresh, monkeypatch):
+    "autocast turning itself off: nothing to measure; the call still works and the fit raises (check_amp_support)"
+    monkeypatch.setattr(torch, 'is_autocast_enabled', lambda *a: False)
+    assert amp_speed('bf16', 'cpu') is None and fp16.AMP_SPEEDS == {}
+    learn = make_learner().to_bf16()
+    with pytest.raises(RuntimeError, match='does not support torch.bfloat16.*silently train in float32'): learn.fit(1)

@@ -176,3 +176,16 @@ def test_bench_cli_repair_adds_the_repaired_layout(capsys):
                  '--warmup', '0', '--precision', 'fp32', '--repair', '-q']) == 0
     out = capsys.readouterr().out
     assert [line.split()[3] for line in out.splitlines()[2:5]] == ['contiguous', 'channels_last', REPAIRED]
+
+
+def test_auto_layout_choice_with_repair():
+    "`ChannelsLast(auto=True, repair=True)`: the model is repaired, both layouts are timed, one is kept, training works"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, 32, 32, generator=g), torch.randint(0, 3, (8, 32, 32), generator=g)
+    (net,) = twins(lambda: monai_unet(2), 1)
+    cb = ChannelsLast(auto=True, repair=True, warmup=0, block=1, rounds=1)
+    learn = Learner(DataLoaders.from_tensors((x, y), bs=2, shuffle=False), net, loss_func=F.cross_entropy, cbs=cb,
+                    progress=False)
+    learn.fit(1)
+    assert cb.decision is not None and cb.decision['layout'] in ('channels_last', 'contiguous')
+    assert len(cb.fixes.repaired) == 4 and torch.isfinite(torch.tensor(learn.recorder.losses)).all()

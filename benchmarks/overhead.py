@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                 # overhead table (ours, and fastai's when installed)
     python benchmarks/overhead.py --memory 20000  # RSS growth over a 20,000-step fit
+    python benchmarks/overhead.py --baseline /work/main  # also another checkout's Learner, in the same rounds
 
 A tiny model (1x1 conv + linear on 8x3x4x4 batches) makes the loop itself dominate. Each variant trains
 `--batches` batches per repeat; variants run round-robin (interleaved) in one process, one thread, and the
@@ -49,8 +50,23 @@ def plain_runner(train, valid):
     return run
 
 
-def ours_runner(train, valid):
-    from channelslast_cb.learner import DataLoaders, Learner
+def _load_package(root, alias):
+    "Import the `channelslast_cb` package found in checkout `root` under the name `alias` (its imports are relative)"
+    import importlib.util
+    from pathlib import Path
+    init = Path(root) / 'channelslast_cb' / '__init__.py'
+    spec = importlib.util.spec_from_file_location(alias, init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module(f'{alias}.learner')
+
+
+def ours_runner(train, valid, baseline=None):
+    if baseline is None: from channelslast_cb.learner import DataLoaders, Learner
+    else:
+        lrn = _load_package(baseline, 'channelslast_cb_baseline')
+        DataLoaders, Learner = lrn.DataLoaders, lrn.Learner
     learn = Learner(DataLoaders(train, valid), tiny_model(), loss_func=F.cross_entropy, progress=False)
     learn.recorder.print_table = False
     learn.create_opt()
@@ -69,10 +85,11 @@ def fastai_runner(train, valid):
     return run
 
 
-def overhead(batches=500, repeats=7):
+def overhead(batches=500, repeats=7, baseline=None):
     torch.set_num_threads(1)
     train, valid = make_batches(batches), make_batches(1, seed=1)
     runners = {'plain': plain_runner(train, valid), 'channelslast_cb': ours_runner(train, valid)}
+    if baseline: runners['baseline'] = ours_runner(train, valid, baseline)
     try: runners['fastai'] = fastai_runner(train, valid)
     except ImportError as e: print(f"fastai not installed ({e}); skipping it", file=sys.stderr)
     for run in runners.values(): run()  # warm-up
@@ -113,6 +130,8 @@ def main():
     p.add_argument('--batches', type=int, default=500, help='batches per timed fit')
     p.add_argument('--repeats', type=int, default=7, help='interleaved rounds; the median is reported')
     p.add_argument('--memory', type=int, default=0, metavar='STEPS', help='instead, report RSS growth over STEPS steps')
+    p.add_argument('--baseline', metavar='CHECKOUT', help="also time the Learner of another checkout (e.g. the main "
+                   "branch's), as variant 'baseline'")
     a = p.parse_args()
     if a.memory:
         samples, n, kind = memory(a.memory)
@@ -120,7 +139,7 @@ def main():
         print(f"{n} losses recorded as {kind}; RSS by step (MiB, growth since step {samples[0][0]}):")
         for step, rss in samples: print(f"  step {step:>6}: {rss / 2**20:8.1f}  (+{(rss - base) / 2**20:.2f})")
         return
-    rows = overhead(a.batches, a.repeats)
+    rows = overhead(a.batches, a.repeats, a.baseline)
     print(f"{a.batches} batches of 8x3x4x4, 1 thread, median of {a.repeats} interleaved repeats "
           f"(torch {torch.__version__})")
     print(f"{'variant':<16}{'ms/fit':>10}{'us/batch':>10}{'overhead us/batch':>19}{'x plain':>9}")

@@ -1,4 +1,4 @@
-"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback`, `Recorder`, progress and metrics.
+"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback`, `Recorder` and metrics (the optimizer API, the one-cycle schedule and the progress bar have their own pages).
 
 Docs: https://channelslast-cb.github.io/channelslast_cb/learner.html.md"""
 

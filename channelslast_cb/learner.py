@@ -1,4 +1,4 @@
-"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback`, `Recorder`, progress and metrics.
+"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback`, `Recorder` and metrics (the optimizer API, the one-cycle schedule and the progress bar have their own pages).
 
 Docs: https://channelslast-cb.github.io/channelslast_cb/learner.html.md"""
 
@@ -300,7 +300,7 @@ class Learner:
                  dls: DataLoaders,                      # training (and validation) batches
                  model: nn.Module,                      # the model to train
                  loss_func: Callable | None = None,     # `loss_func(pred, *yb) -> scalar tensor`
-                 opt_func: Callable = torch.optim.AdamW,  # called as `opt_func(params, lr=lr[, weight_decay=wd])`
+                 opt_func: Callable = torch.optim.AdamW,  # `opt_func(params, lr=lr[, weight_decay=wd])`, or fastai's (`wd=wd`)
                  lr: float = 1e-3,                      # default learning rate
                  cbs: Callback | type | Iterable | None = None,  # extra callbacks (instances or classes)
                  metrics: Callable | Iterable | None = None,  # functions `(pred, targ) -> tensor`

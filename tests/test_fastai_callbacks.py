@@ -28,7 +28,7 @@ from fastai.callback.progress import CSVLogger, ShowGraphCallback  # noqa: E402
 from fastai.callback.schedule import ParamScheduler, SchedCos  # noqa: E402
 from fastai.callback.tracker import (EarlyStoppingCallback, ReduceLROnPlateau, SaveModelCallback,  # noqa: E402
                                     TerminateOnNaNCallback, TrackerCallback)
-from fastai.callback.training import GradientAccumulation, GradientClip  # noqa: E402
+from fastai.callback.training import GradientAccumulation, GradientClip, ShortEpochCallback  # noqa: E402
 from fastai.learner import Learner as FastaiLearner  # noqa: E402
 from fastai.losses import CrossEntropyLossFlat  # noqa: E402
 from fastai.optimizer import Adam as FastaiAdam, OptimWrapper  # noqa: E402
@@ -277,6 +277,15 @@ def case_terminate_on_nan(layout, tmp_path):
     assert learn.train_iter == 3 and learn.recorder.values == []   # stopped at the 3rd batch of the first epoch
 
 
+def case_short_epoch(layout, tmp_path):
+    "fastai's CancelTrainException (a fastai class) must end the training phase of our loop, not the fit"
+    learn = make(layout, cbs=ShortEpochCallback(pct=0.5, short_valid=True))
+    learn.fit(2)
+    assert learn.train_iter == 2 * 3                                  # 3 of 4 batches trained, each epoch
+    assert len(learn.recorder.batch_losses) == 2 * 2  # the 3rd cancels before the Recorder's after_batch (as in fastai)
+    assert len(learn.recorder.values) == 2 and not any(math.isnan(v) for row in learn.recorder.values for v in row)
+
+
 def case_collect_data(layout, tmp_path):
     learn = make(layout, cbs=(collect := CollectDataCallback()))
     learn.fit(1)
@@ -309,6 +318,12 @@ def test_fastai_adam_as_opt_func(layout):
     assert is_cl(learn.opt.state[conv_w]['grad_avg']) == (layout == 'cl_bf16')
     learn.fit(1, lr=3e-3)
     assert learn.opt.hypers[0]['lr'] == 3e-3
+
+
+def test_fastai_optimizer_gets_wd_by_its_own_keyword():
+    learn = make('plain', opt_func=FastaiAdam, wd=0.05)
+    learn.create_opt()
+    assert learn.opt.hypers[0]['wd'] == 0.05 and type(learn.opt).__name__ == 'Optimizer'  # fastai's, not wrapped
 
 
 def test_fastai_adam_state_saves_loads_and_lr_find_restores_it(tmp_path):

@@ -18,7 +18,6 @@ import fastai.callback.core as fastai_core
 from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
 from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
 from fastai.learner import Learner as FastaiLearner, save_model
-from fastai.optimizer import Optimizer as FastaiOptimizer
 from fastai.torch_core import distrib_barrier
 from fastcore.basics import noop
 from fastcore.foundation import L
@@ -259,11 +258,10 @@ def _checkpoint_parts(state, source) -> tuple:
 
 
 def _check_opt_state(learn, opt_state, source):
-    "Raise before anything is loaded if `opt_state` is not in the format of `learn.opt`"
-    fastai_opt = isinstance(learn.opt, FastaiOptimizer)
-    fits = 'hypers' in opt_state if fastai_opt else 'param_groups' in opt_state
-    if not fits:
-        saved = "fastai's own Optimizer" if 'hypers' in opt_state else 'a torch optimizer'
+    "Raise before anything is loaded if `opt_state` is not in the format `learn.opt` writes (fastai's or torch's)"
+    fastai_format = lambda sd: 'hypers' in sd  # fastai's Optimizer (and Lookahead over one): 'state', 'hypers'
+    if fastai_format(opt_state) != fastai_format(learn.opt.state_dict()):
+        saved = "fastai's own Optimizer" if fastai_format(opt_state) else 'a torch optimizer'
         raise ValueError(f"The optimizer state in {source} is {saved}'s, and this learner's optimizer is "
                          f"{type(learn.opt).__name__}, which cannot read it. Load with with_opt=False (weights and "
                          f"callback state only), or build the learner with the optimizer the checkpoint came from "

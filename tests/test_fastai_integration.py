@@ -479,6 +479,10 @@ def test_checkpoints_between_our_learner_and_fastais(tmp_path):
     assert fai.mixed_precision.state_dict()['scaler']['scale'] == ours.mixed_precision.scaler.get_scale()
     with pytest.raises(ValueError, match=r"ours\.pth.*Load with with_opt=False"):
         learner(path=tmp_path).load('ours')  # fastai's Adam cannot read torch's SGD state: nothing loaded
+    named = {**torch.load(tmp_path / 'models' / 'ours.pth', weights_only=True), 'opt_type': 'Adam'}
+    torch.save(named, tmp_path / 'models' / 'named.pth')  # a checkpoint that names its optimizer (issue 13's format)
+    with pytest.raises(ValueError, match="holds the state of a Adam optimizer, and this learner's is a SGD"):
+        learner(path=tmp_path, opt_func=sgd).load('named')
     with pytest.raises(ValueError, match="not a checkpoint"):
         torch.save([1, 2], tmp_path / 'models' / 'list.pth')
         learner(path=tmp_path).load('list')

@@ -18,7 +18,6 @@ import fastai.callback.core as fastai_core
 from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
 from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
 from fastai.learner import Learner as FastaiLearner, save_model
-from fastai.optimizer import Optimizer as FastaiOptimizer
 from fastai.torch_core import distrib_barrier
 from fastcore.basics import noop
 from fastcore.foundation import L
@@ -258,12 +257,16 @@ def _checkpoint_parts(state, source) -> tuple:
     return state['model'], opt, cbs
 
 
-def _check_opt_state(learn, opt_state, source):
-    "Raise before anything is loaded if `opt_state` is not in the format of `learn.opt`"
-    fastai_opt = isinstance(learn.opt, FastaiOptimizer)
-    fits = 'hypers' in opt_state if fastai_opt else 'param_groups' in opt_state
-    if not fits:
-        saved = "fastai's own Optimizer" if 'hypers' in opt_state else 'a torch optimizer'
+def _check_opt_state(learn, opt_state, source, opt_type: str | None = None):
+    "Raise before anything is loaded if `opt_state` is not in the format `learn.opt` writes (fastai's or torch's)"
+    inner = getattr(learn.opt, 'opt', learn.opt)  # fastai's OptimWrapper keeps the torch optimizer in `.opt`
+    if opt_type is not None and isinstance(inner, torch.optim.Optimizer) and type(inner).__name__ != opt_type:
+        raise ValueError(f"{source} holds the state of a {opt_type} optimizer, and this learner's is a "
+                         f"{type(inner).__name__}. Load with with_opt=False (weights and callback state only), or "
+                         f"build the learner with opt_func=partial(OptimWrapper, opt=torch.optim.{opt_type}).")
+    fastai_format = lambda sd: 'hypers' in sd  # fastai's Optimizer (and Lookahead over one): 'state', 'hypers'
+    if fastai_format(opt_state) != fastai_format(learn.opt.state_dict()):
+        saved = "fastai's own Optimizer" if fastai_format(opt_state) else 'a torch optimizer'
         raise ValueError(f"The optimizer state in {source} is {saved}'s, and this learner's optimizer is "
                          f"{type(learn.opt).__name__}, which cannot read it. Load with with_opt=False (weights and "
                          f"callback state only), or build the learner with the optimizer the checkpoint came from "
@@ -286,7 +289,7 @@ def load_checkpoint(learn: FastaiLearner,       # a fastai `Learner`
     model_state, opt_state, cb_states = _checkpoint_parts(state, source)
     if with_opt and opt_state is not None:
         if learn.opt is None: learn.create_opt()
-        _check_opt_state(learn, opt_state, source)
+        _check_opt_state(learn, opt_state, source, state.get('opt_type'))  # our Learner.save names its optimizer
     learn.model.load_state_dict(model_state, strict=strict)
     if with_opt and opt_state is not None: learn.opt.load_state_dict(opt_state)
     elif with_opt: warnings.warn(f"{source} has no optimizer state: the optimizer keeps its own.")

@@ -454,6 +454,20 @@ def test_scaler_state_across_fits_save_load_and_plain_fastai(tmp_path):
     learner(path=tmp_path).load('bare', with_opt=False)
 
 
+def test_save_load_with_fastai_ranger(tmp_path):
+    "fastai's `ranger` (Lookahead over RAdam) writes fastai's optimizer format plus its own keys: it round-trips"
+    from fastai.optimizer import ranger
+    learn = learner(path=tmp_path, opt_func=ranger).to_fp16(init_scale=1024.)
+    quiet_fit(learn, 1, 1e-2, cbs=Overflow())
+    learn.save('ranger')
+    other = learner(path=tmp_path, opt_func=ranger).to_fp16(init_scale=1024.).load('ranger')
+    assert other.opt.count == learn.opt.count and other.mixed_precision.state_dict()['scaler']['scale'] == 512.
+    w, w2 = learn.model[0].weight, other.model[0].weight
+    torch.testing.assert_close(other.opt.state[w2]['sqr_avg'], learn.opt.state[w]['sqr_avg'], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fastai's own Optimizer's, and this learner's optimizer is OptimWrapper"):
+        learner(path=tmp_path, opt_func=partial(OptimWrapper, opt=torch.optim.SGD)).load('ranger')
+
+
 def test_checkpoints_between_our_learner_and_fastais(tmp_path):
     ours = Learner(DataLoaders.from_tensors(synth_images(32), bs=8), tiny_cnn(), loss_func=F.cross_entropy,
                    opt_func=torch.optim.SGD, progress=False, path=tmp_path).to_fp16(init_scale=256.)
@@ -465,6 +479,10 @@ def test_checkpoints_between_our_learner_and_fastais(tmp_path):
     assert fai.mixed_precision.state_dict()['scaler']['scale'] == ours.mixed_precision.scaler.get_scale()
     with pytest.raises(ValueError, match=r"ours\.pth.*Load with with_opt=False"):
         learner(path=tmp_path).load('ours')  # fastai's Adam cannot read torch's SGD state: nothing loaded
+    named = {**torch.load(tmp_path / 'models' / 'ours.pth', weights_only=True), 'opt_type': 'Adam'}
+    torch.save(named, tmp_path / 'models' / 'named.pth')  # a checkpoint that names its optimizer (issue 13's format)
+    with pytest.raises(ValueError, match="holds the state of a Adam optimizer, and this learner's is a SGD"):
+        learner(path=tmp_path, opt_func=sgd).load('named')
     with pytest.raises(ValueError, match="not a checkpoint"):
         torch.save([1, 2], tmp_path / 'models' / 'list.pth')
         learner(path=tmp_path).load('list')

@@ -400,6 +400,11 @@ class MixedPrecision(Callback):
     @property
     def _scaling(self) -> bool: return self.scaler is not None and self.scaler.is_enabled()
 
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        "Whether a step whose gradients are inf/nan is skipped (fp16 with its scaler): the `Recorder` then does not warn of a nan loss"
+        return self._scaling
+
     def before_backward(self):
         if self._scaling: self.learn.loss_grad = self.scaler.scale(self.learn.loss_grad)
 

@@ -197,7 +197,8 @@ class Recorder(Callback):
     def _flush(self):
         n = len(self.batch_losses)
         if self._pending: self.batch_losses.extend(torch.stack(self._pending).float().cpu().tolist())
-        if not self._warned_nonfinite: self._warned_nonfinite = warn_nonfinite(self.batch_losses, n)  # once per fit, no sync
+        if not self._warned_nonfinite and not self._steps_skip_nonfinite():  # once per fit, no sync
+            self._warned_nonfinite = warn_nonfinite(self.batch_losses, n)
         self._ep_bs.extend(self._pending_bs)
         self._pending, self._pending_bs = [], []
 
@@ -217,6 +218,10 @@ class Recorder(Callback):
         "The last of `losses` as a 0-d tensor (fastai's `learn.smooth_loss`), or None before any training batch"
         sm = self.losses
         return torch.tensor(sm[-1]) if sm else None
+
+    def _steps_skip_nonfinite(self) -> bool:
+        "Whether a callback skips the steps a non-finite loss would spoil (fp16's `GradScaler`): no warning then"
+        return any(getattr(cb, 'skips_nonfinite_steps', False) for cb in self.learn.cbs)  # read every 64 steps
 
     def after_train(self): self._flush()
 

@@ -81,6 +81,19 @@ def test_nan_loss_warns_once_with_the_step():
     assert len([x for x in w if 'training loss' in str(x.message)]) == 1  # once per fit, not once per step
 
 
+def test_fp16_overflow_is_not_reported_as_a_nan_loss():
+    # fp16's GradScaler skips a step whose loss/gradients are inf/nan, so the weights stay finite: the Recorder's
+    # "weights are probably nan" warning would be wrong there (a whole epoch of skips has its own warning)
+    learn = make_learner(loss_func=nan_after(3), dls=dls(n_train=24, bs=4))
+    learn.add_cb(MixedPrecision('fp16'))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        fit_quiet(learn, 1)
+    assert not [x for x in w if 'training loss' in str(x.message)]
+    assert learn.mixed_precision.skipped_steps == 3  # steps 4-6 were skipped, not trained on
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
 def test_finite_loss_does_not_warn():
     learn = make_learner()
     with warnings.catch_warnings():

@@ -34,8 +34,12 @@ from .learner import Learner, model_device, to_device
 __all__ = ['CB_STATE_KEY', 'patch_fastai', 'unpatch_fastai', 'load_checkpoint']
 
 # %% ../nbs/09_fastai.ipynb #37eb65cf
-_MISSING = object()
-_ORIG: dict = {}   # name -> fastai's own attribute of `Learner` (or _MISSING), as it was before this module
+_MISSING = FastaiLearner.__dict__.get('_channelslast_cb_missing') or object()  # "fastai has no such attribute"
+FastaiLearner._channelslast_cb_missing = _MISSING
+# name -> fastai's own attribute of `Learner` (or _MISSING), as it was before this module. Kept on fastai's class so
+# that a second run of this code (the notebook's cells after the import, a reload) finds fastai's originals, not ours
+_ORIG: dict = FastaiLearner.__dict__.get('_channelslast_cb_originals') or {}
+FastaiLearner._channelslast_cb_originals = _ORIG
 _OURS: dict = {}   # name -> what this module puts in its place
 _patched = True    # whether `_OURS` is installed (from the import on)
 

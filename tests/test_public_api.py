@@ -1,4 +1,8 @@
 "The names DESIGN.md promises are importable from `channelslast_cb.all`, and the three user lines work."
+import inspect
+import subprocess
+import sys
+
 import torch.nn.functional as F
 
 import channelslast_cb.all as cl
@@ -6,7 +10,7 @@ import channelslast_cb.all as cl
 DESIGN_NAMES = """EVENTS event Callback CancelFitException CancelEpochException CancelTrainException CancelValidException
 CancelBatchException CancelStepException CancelBackwardException Learner DataLoaders TrainEvalCallback Recorder
 ProgressCallback accuracy error_rate AMPMode MixedPrecision ChannelsLast to_channels_last layout_report LayoutReport
-bench_models DistributedTrainer""".split()
+bench_models DistributedTrainer repair_layout SaveModelCallback""".split()
 
 
 def test_design_names_are_exported():
@@ -14,8 +18,19 @@ def test_design_names_are_exported():
     assert missing == []
     for meth in ('fit', 'fit_one_cycle', 'validate', 'get_preds', 'add_cb', 'add_cbs', 'remove_cb', 'remove_cbs',
                  'added_cbs', 'removed_cbs', 'save', 'load', 'show_training_loop', 'to_fp16', 'to_bf16', 'to_fp32',
-                 'to_channelslast', 'to_contiguous', 'layout_report'):
+                 'to_channelslast', 'to_contiguous', 'layout_report', 'compile', 'uncompile'):
         assert callable(getattr(cl.Learner, meth)), meth
+    for meth in ('fit', 'fit_one_cycle'):  # resume a run: fastai's keyword
+        assert 'start_epoch' in inspect.signature(getattr(cl.Learner, meth)).parameters, meth
+    assert list(inspect.signature(cl.SaveModelCallback).parameters) == [
+        'monitor', 'comp', 'min_delta', 'fname', 'every_epoch', 'at_end', 'with_opt', 'reset_on_fit']  # fastai's
+
+
+def test_all_does_not_import_fastai():
+    "fastai stays optional: only `channelslast_cb.fastai` imports it"
+    code = "import sys, channelslast_cb.all; assert 'fastai' not in sys.modules, sorted(m for m in sys.modules if 'fastai' in m)"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_callback_names():

@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import copy
 import datetime
+import gc
 import inspect
 import itertools
 import os
@@ -100,7 +101,9 @@ def setup_distrib(device: str | torch.device | None = None,  # where the model t
 
 def teardown_distrib():
     "Destroy the default process group, if there is one"
-    if _initialized(): dist.destroy_process_group()
+    if not _initialized(): return
+    gc.collect()  # free a DDP wrapper an exception's traceback left in a cycle while its group still exists
+    dist.destroy_process_group()
 
 # %% ../nbs/06_distributed.ipynb #231a8468
 def _check_rank(rank: int, world_size: int):

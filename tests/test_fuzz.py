@@ -161,7 +161,7 @@ REPORT_BAD = {
     'loss_func': JUNK.filter(lambda v: not callable(v)),
     'train': NOT_BOOL.filter(lambda v: v is not None),
     'amp': st.sampled_from(['fp8', 'fp32', '', 5, object(), True]),
-    'copy': NOT_BOOL,
+    'copy': NOT_BOOL_NOR_NONE,
 }
 
 

@@ -46,6 +46,7 @@ def to_device(b, device: torch.device, non_blocking: bool = False):
     # Hot path (every batch): a tensor already on `device` is returned without a dispatcher call.
     if isinstance(b, torch.Tensor): return b if b.device == device else b.to(device, non_blocking=non_blocking)
     if isinstance(b, (tuple, list)):
+        if type(b) is tuple and all(type(o) is torch.Tensor and o.device == device for o in b): return b  # the usual batch
         items = [to_device(o, device, non_blocking) for o in b]
         return items if type(b) is list else tuple(items) if type(b) is tuple else type(b)(*items)  # namedtuples too
     if isinstance(b, dict): return {k: to_device(v, device, non_blocking) for k, v in b.items()}
@@ -518,14 +519,16 @@ def one_batch(self: Learner, i: int, b):
 
 
 def _batch_size(yb, xb) -> int:
-    t = first_tensor(yb) if yb else first_tensor(xb)
-    return len(t) if t is not None and t.dim() else 1
+    t = yb[0] if yb and isinstance(yb[0], torch.Tensor) else first_tensor(yb) if yb else first_tensor(xb)
+    return t.shape[0] if t is not None and t.ndim else 1  # `shape[0]`: `len(tensor)` is a slower Python-level call
 
 
 @patch
 def _do_one_batch(self: Learner):
-    with self.forward_context():
-        self.pred = self.model(*self.xb)
+    fc = self.forward_context
+    if fc is contextlib.nullcontext: self.pred = self.model(*self.xb)  # full precision: no context to enter
+    else:
+        with fc(): self.pred = self.model(*self.xb)
     self('after_pred')
     if self.yb:
         self.loss_grad = self.loss_func(self.pred, *self.yb)

@@ -344,6 +344,7 @@ class Learner:
         self.final_record, self.logger = None, self._log_row  # fastai's: the last epoch row; called with each row
         self.cbs = []
         self._tables = {True: {e: () for e in EVENTS}, False: {e: () for e in EVENTS}}
+        self._bare_step = True
         default = [TrainEvalCallback(), Recorder()]
         if progress or (progress is None and _interactive()): default.append(ProgressCallback())
         self.add_cbs(default + _as_list(cbs))
@@ -407,6 +408,8 @@ def smooth_loss(self: Learner) -> torch.Tensor | None:
 def _rebuild(self: Learner):
     "Precompute the per-event handler tables (after any change to `cbs`)"
     self._tables = {True: _build_table(self.cbs, True), False: _build_table(self.cbs, False)}
+    # No handler at any backward/step event (the default fp32 loop): `_do_one_batch` skips their empty dispatch
+    self._bare_step = not any(self._tables[True][e] for e in (*_STAGES['backward'], *_STAGES['step']))
 
 
 @patch
@@ -539,8 +542,14 @@ def _do_one_batch(self: Learner):
     if not self.yb:
         raise ValueError(f"A training batch has no target: it had {len(self.xb)} element(s), all taken as inputs. "
                          f"Yield (x, y) batches, or set DataLoaders(..., n_inp=k) to leave the targets after k inputs.")
-    self._with_events(self._backward, 'backward', CancelBackwardException)
-    self._with_events(self._step, 'step', CancelStepException)
+    if self._bare_step:  # the same as below when no callback handles these events, without 6 empty dispatches
+        try: self._backward()
+        except CancelBackwardException: pass
+        try: self._step()
+        except CancelStepException: pass
+    else:
+        self._with_events(self._backward, 'backward', CancelBackwardException)
+        self._with_events(self._step, 'step', CancelStepException)
     self.opt.zero_grad()  # no `set_to_none`: fastai's optimizers do not take it (torch's default is True)
 
 

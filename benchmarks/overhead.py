@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                 # overhead table (ours, and fastai's when installed)
     python benchmarks/overhead.py --memory 20000  # RSS growth over a 20,000-step fit
-    python benchmarks/overhead.py --baseline /work/main  # also another checkout's Learner, in the same rounds
+    python benchmarks/overhead.py --baseline ../other-checkout  # also another checkout's Learner, in the same rounds
 
 A tiny model (1x1 conv + linear on 8x3x4x4 batches) makes the loop itself dominate. Each variant trains
 `--batches` batches per repeat; variants run round-robin (interleaved) in one process, one thread, and the

@@ -118,16 +118,9 @@ class SaveModelCallback(TrackerCallback):
             else: self.learn.load(self.fname, with_opt=self.with_opt)
 
 # %% ../nbs/08_checkpoint.ipynb #3b211b8a
-class EarlyStoppingCallback(TrackerCallback):
-    "Stop the fit when `monitor` has not improved for `patience` epochs"
-    order = TrackerCallback.order + 3  # after SaveModelCallback (61) saved this epoch's model and ReduceLROnPlateau (62)
-
-    def __init__(self,
-                 monitor: str = 'valid_loss',   # the column watched
-                 comp: Callable | None = None,  # `comp(a, b)`: `a` is better than `b` (None: from the name)
-                 min_delta: float = 0.,         # an improvement must be larger than this
-                 patience: int = 1,             # epochs without improvement before stopping
-                 reset_on_fit: bool = True):    # forget the best value at the start of each fit
+class _PlateauCallback(TrackerCallback):
+    "Count the epochs without improvement of `monitor`; call `on_plateau` once there are `patience` of them"
+    def __init__(self, monitor, comp, min_delta, patience, reset_on_fit):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1 (epochs without improvement), got {patience!r}")
@@ -138,18 +131,33 @@ class EarlyStoppingCallback(TrackerCallback):
         super().before_fit()
 
     def after_epoch(self):
-        "Count the epochs without improvement; stop the fit after `patience` of them"
         if not self.learn.fitting: return
         super().after_epoch()
-        if self.new_best: self.wait = 0
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                self._say(f'No improvement since epoch {self.learn.epoch - self.wait}: early stopping')
-                raise CancelFitException()
+        self.wait = 0 if self.new_best else self.wait + 1
+        if self.wait >= self.patience: self.on_plateau()
+
+    def on_plateau(self): raise NotImplementedError
+
+
+class EarlyStoppingCallback(_PlateauCallback):
+    "Stop the fit when `monitor` has not improved for `patience` epochs"
+    order = TrackerCallback.order + 3  # after SaveModelCallback (61) saved this epoch's model and ReduceLROnPlateau (62)
+
+    def __init__(self,
+                 monitor: str = 'valid_loss',   # the column watched
+                 comp: Callable | None = None,  # `comp(a, b)`: `a` is better than `b` (None: from the name)
+                 min_delta: float = 0.,         # an improvement must be larger than this
+                 patience: int = 1,             # epochs without improvement before stopping
+                 reset_on_fit: bool = True):    # forget the best value at the start of each fit
+        super().__init__(monitor, comp, min_delta, patience, reset_on_fit)
+
+    def on_plateau(self):
+        "Stop the fit: `patience` epochs without improvement"
+        self._say(f'No improvement since epoch {self.learn.epoch - self.wait}: early stopping')
+        raise CancelFitException()
 
 # %% ../nbs/08_checkpoint.ipynb #9dd1c583
-class ReduceLROnPlateau(TrackerCallback):
+class ReduceLROnPlateau(_PlateauCallback):
     "Divide the learning rate by `factor` when `monitor` has not improved for `patience` epochs"
     order = TrackerCallback.order + 2  # after SaveModelCallback (61), before EarlyStoppingCallback (63)
 
@@ -161,27 +169,15 @@ class ReduceLROnPlateau(TrackerCallback):
                  factor: float = 10.,           # divide the learning rate by this
                  min_lr: float = 0.,            # never below this
                  reset_on_fit: bool = True):    # forget the best value at the start of each fit
-        super().__init__(monitor, comp, min_delta, reset_on_fit)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1 (epochs without improvement), got {patience!r}")
+        super().__init__(monitor, comp, min_delta, patience, reset_on_fit)
         if not isinstance(factor, (int, float)) or factor <= 1:
             raise ValueError(f"factor must be a number > 1 (the learning rate is divided by it), got {factor!r}")
-        self.patience, self.factor, self.min_lr, self.wait = patience, factor, min_lr, 0
+        self.factor, self.min_lr = factor, min_lr
 
-    def before_fit(self):
+    def on_plateau(self):
+        "Lower every param group's learning rate: `patience` epochs without improvement"
+        hypers = self.learn.opt.hypers  # fastai's API: torch optimizers (in `TorchOpt`) and fastai's alike
+        old = hypers[-1]['lr']
+        for h in hypers: h['lr'] = max(h['lr'] / self.factor, self.min_lr)
         self.wait = 0
-        super().before_fit()
-
-    def after_epoch(self):
-        "Count the epochs without improvement; lower every param group's learning rate after `patience` of them"
-        if not self.learn.fitting: return
-        super().after_epoch()
-        if self.new_best: self.wait = 0
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                hypers = self.learn.opt.hypers  # fastai's API: torch optimizers (in `TorchOpt`) and fastai's alike
-                old = hypers[-1]['lr']
-                for h in hypers: h['lr'] = max(h['lr'] / self.factor, self.min_lr)
-                self.wait = 0
-                if hypers[-1]['lr'] < old: self._say(f'Epoch {self.learn.epoch}: reducing lr to {hypers[-1]["lr"]}')
+        if hypers[-1]['lr'] < old: self._say(f'Epoch {self.learn.epoch}: reducing lr to {hypers[-1]["lr"]}')

@@ -8,7 +8,6 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/channelslast.html.md"""
 from __future__ import annotations
 
 import copy
-import difflib
 import statistics
 import time
 import warnings
@@ -22,6 +21,7 @@ from fastcore.meta import delegates
 from torch import Tensor, nn
 
 from .core import Callback
+from .guards import check_keywords
 from .fp16 import AMPMode, MixedPrecision, check_amp_speed
 from .learner import Learner, model_device
 from .repair import LayoutFixes, repair_layout
@@ -343,12 +343,8 @@ def to_channelslast(self: Learner,
     for k, v in (('use_amp', use_amp), ('auto', auto), ('repair', repair)):
         if not isinstance(v, bool): raise TypeError(f"{k} must be True or False, got {v!r}")
     mode = AMPMode(amp_mode)  # "amp_mode 'fp8' is not one of 'fp16', 'bf16'"
-    unknown = [k for k in kwargs if k not in _MP_KEYS]
-    if unknown:
-        close = {c for k in unknown for c in difflib.get_close_matches(k, _MP_KEYS, n=1)}
-        hint = f" Did you mean {', '.join(sorted(close))}?" if close else ''
-        raise TypeError(f"to_channelslast() got unknown keyword(s) {', '.join(map(repr, unknown))}: it takes use_amp, "
-                        f"amp_mode, auto, repair and the MixedPrecision settings {', '.join(_MP_KEYS)}.{hint}")
+    check_keywords(kwargs, _MP_KEYS, 'to_channelslast()', f"it takes use_amp, amp_mode, auto, repair and the "
+                                                          f"MixedPrecision settings {', '.join(_MP_KEYS)}")
     if kwargs and not use_amp:
         raise ValueError(f"to_channelslast(use_amp=False) adds no MixedPrecision, so {', '.join(kwargs)} cannot take "
                          f"effect. Drop them, or use use_amp=True (or learn.to_fp16(...) to change the precision alone).")

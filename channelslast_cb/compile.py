@@ -7,7 +7,6 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/compile.html.md"""
 # %% ../nbs/04c_compile.ipynb #7318bf63
 from __future__ import annotations
 
-import difflib
 import inspect
 import itertools
 import types
@@ -20,6 +19,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .channelslast import CHANNELS_LAST, CONTIGUOUS, ChannelsLast
 from .core import Callback
+from .guards import check_keywords
 from .learner import Learner
 
 # %% auto #0
@@ -80,12 +80,7 @@ class TorchCompile(Callback):
 
     def __init__(self, **compile_kwargs):  # keywords of `torch.compile`: backend, mode, fullgraph, dynamic, options, ...
         super().__init__()
-        bad = [k for k in compile_kwargs if k not in _COMPILE_KEYS]
-        if bad:
-            close = {c for k in bad for c in difflib.get_close_matches(k, _COMPILE_KEYS, n=1)}
-            hint = f" Did you mean {', '.join(sorted(close))}?" if close else ''
-            raise TypeError(f"compile() got unknown keyword(s) {', '.join(map(repr, bad))}: torch.compile takes "
-                            f"{', '.join(_COMPILE_KEYS)}.{hint}")
+        check_keywords(compile_kwargs, _COMPILE_KEYS, 'compile()', f"torch.compile takes {', '.join(_COMPILE_KEYS)}")
         why = compile_unavailable()
         if why is not None:
             raise RuntimeError(f"torch.compile cannot run in this process ({why}); the learner was left as it was and "

@@ -7,6 +7,7 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/guards.html.md"""
 # %% ../nbs/00a_guards.ipynb #9296da9d
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import warnings
@@ -17,9 +18,9 @@ import torch
 from .core import Callback, CancelFitException, is_callback
 
 # %% auto #0
-__all__ = ['check_number', 'check_bool', 'check_int', 'as_device', 'check_moms', 'check_one_cycle', 'as_metrics', 'as_cbs',
-           'metric_value', 'check_batches', 'check_model_device', 'check_loss', 'warn_nonfinite',
-           'TerminateOnNaNCallback']
+__all__ = ['check_number', 'check_bool', 'check_int', 'as_device', 'check_keywords', 'check_moms', 'check_one_cycle',
+           'as_metrics', 'as_cbs', 'metric_value', 'check_batches', 'check_model_device', 'check_loss',
+           'warn_nonfinite', 'TerminateOnNaNCallback']
 
 # %% ../nbs/00a_guards.ipynb #1bb7c407
 def check_number(name: str,              # the argument's name, for the message
@@ -68,6 +69,15 @@ def as_device(device, name: str = 'device') -> torch.device | None:
         except RuntimeError as e: raise ValueError(f"{name}={device!r} is not a torch device ({e}): e.g. 'cpu', 'cuda', 'cuda:1'") from None
     raise TypeError(f"{name} must be a torch.device, a string like 'cpu' or 'cuda:1', or None, got {device!r} "
                     f"(a {type(device).__name__})")
+
+
+def check_keywords(kwargs: dict, allowed, call: str, takes: str):
+    "Raise a `TypeError` naming the keywords of `kwargs` not in `allowed`, what `call` `takes`, and the closest names"
+    unknown = [k for k in kwargs if k not in allowed]
+    if not unknown: return
+    close = {c for k in unknown for c in difflib.get_close_matches(k, list(allowed), n=1)}
+    hint = f" Did you mean {', '.join(sorted(close))}?" if close else ''
+    raise TypeError(f"{call} got unknown keyword(s) {', '.join(map(repr, unknown))}: {takes}.{hint}")
 
 # %% ../nbs/00a_guards.ipynb #42e89a03
 def check_moms(moms):

@@ -207,19 +207,8 @@ def procs():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The state table, on fastai's Learner
-DEF = dict(init_scale=2.**16, growth_factor=2., backoff_factor=.5, growth_interval=2000, enabled=True)
-KW = {**DEF, 'init_scale': 1024., 'growth_interval': 10}
-OPS = {
-    'cl': lambda l: l.to_channelslast(),
-    'cl_noamp': lambda l: l.to_channelslast(use_amp=False),
-    'cl_bf16': lambda l: l.to_channelslast(amp_mode='bf16'),
-    'cl_kw': lambda l: l.to_channelslast(init_scale=1024., growth_interval=10),
-    'cont': lambda l: l.to_contiguous(),
-    'cont32': lambda l: l.to_contiguous(to_fp32=True),
-    'fp16': lambda l: l.to_fp16(),
-    'bf16': lambda l: l.to_bf16(),
-    'fp32': lambda l: l.to_fp32(),
-}
+from test_channelslast import DEF, KW, OPS  # the same calls and expected scaler settings as our Learner's table
+
 STARTS = {  # the callbacks the learner is built with
     '': lambda: None,
     'cbs': lambda: [ChannelsLast()],                 # ours

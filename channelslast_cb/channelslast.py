@@ -143,6 +143,7 @@ class ChannelsLast(Callback):
     "Train in the channels-last memory format: convert the model in `before_fit` and the inputs `xb` in `before_batch`"
     order = -1  # after TrainEvalCallback (-10); before MixedPrecision (10) and before every callback that wraps or
                 # modifies the model in before_fit (DDP 11, torch.compile, EMA), so they see it converted
+    _keeps_loss_grad = True  # its step timing (auto) reads no loss (see `Learner._rebuild`)
 
     def __init__(self,
                  auto: bool = False,  # time both layouts on the first training steps and keep the faster one

@@ -309,6 +309,7 @@ class SkippedStepsWarning(RuntimeWarning):
 class MixedPrecision(Callback):
     "Mixed precision training with `torch.autocast` on the model's device: float16 with a `GradScaler`, or bfloat16"
     order = 10  # after ChannelsLast (-1) sets the model's layout; before Recorder (50) and GatherPreds (80) read `pred`
+    _keeps_loss_grad = True  # scaling replaces `loss_grad`, never changes it in place (see `Learner._rebuild`)
     _learn = None
 
     def __init__(self,

@@ -203,6 +203,7 @@ def warn_nonfinite(losses: list[float],  # the training losses of this fit so fa
 class TerminateOnNaNCallback(Callback):
     "Cancel the fit at the first batch whose loss is nan or inf, before its backward pass (a host sync per batch)"
     order = -9  # fastai's; before MixedPrecision (10) scales the loss and Recorder (50) records it
+    _keeps_loss_grad = True  # reads the loss only (see `Learner._rebuild`)
 
     def after_loss(self):
         loss = self.learn.loss

@@ -45,8 +45,11 @@ def to_device(b, device: torch.device, non_blocking: bool = False):
     "Move every tensor in `b` (nested tuples, lists, dicts) to `device`"
     # Hot path (every batch): a tensor already on `device` is returned without a dispatcher call.
     if isinstance(b, torch.Tensor): return b if b.device == device else b.to(device, non_blocking=non_blocking)
+    if type(b) is tuple:  # the usual batch: a tuple of tensors already there (a loop: cheaper than `all(<genexpr>)`)
+        for o in b:
+            if type(o) is not torch.Tensor or o.device != device: break
+        else: return b
     if isinstance(b, (tuple, list)):
-        if type(b) is tuple and all(type(o) is torch.Tensor and o.device == device for o in b): return b  # the usual batch
         items = [to_device(o, device, non_blocking) for o in b]
         return items if type(b) is list else tuple(items) if type(b) is tuple else type(b)(*items)  # namedtuples too
     if isinstance(b, dict): return {k: to_device(v, device, non_blocking) for k, v in b.items()}
@@ -112,6 +115,7 @@ def error_rate(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 class TrainEvalCallback(Callback):
     "Switch train/eval mode and count training progress (`pct_train`, `train_iter`)"
     order, run_valid = -10, False  # before everything: others read `training` and `pct_train`
+    _keeps_loss_grad = True  # never changes `loss_grad` in place: the learner need not copy the loss for it
 
     def before_fit(self):
         self.learn.pct_train, self.learn.train_iter = 0., 0
@@ -124,8 +128,9 @@ class TrainEvalCallback(Callback):
         self.learn.training = True
 
     def after_batch(self):
-        self.learn.pct_train += self._inc
-        self.learn.train_iter += 1
+        learn = self.learn
+        learn.pct_train += self._inc
+        learn.train_iter += 1
 
     def before_validate(self):
         self.model.eval()
@@ -135,6 +140,7 @@ class TrainEvalCallback(Callback):
 class Recorder(Callback):
     "Record losses, learning rates, metrics and times; log a row per epoch through `learn.logger`"
     order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
+    _keeps_loss_grad = True
     _flush_every = 64
     _warned_nonfinite = False  # whether this fit already warned about a nan/inf training loss
 
@@ -181,14 +187,15 @@ class Recorder(Callback):
     def before_epoch(self): self._start_epoch()
 
     def after_batch(self):
-        loss = self.learn.loss
-        if loss is None: return  # cancelled before a loss existed
         learn = self.learn
+        loss = learn.loss
+        if loss is None: return  # cancelled before a loss existed
         if learn.training:
-            self._pending.append(loss)
+            pending = self._pending
+            pending.append(loss)
             self._pending_bs.append(learn.bs)
             self.lrs.append(learn.opt.param_groups[-1]['lr'])
-            if len(self._pending) >= self._flush_every: self._flush()
+            if len(pending) >= self._flush_every: self._flush()
         else:
             bs = learn.bs
             self._vsum += loss.float() * bs
@@ -294,6 +301,7 @@ def _fmt_cells(cells) -> str:
 # %% ../nbs/01_learner.ipynb #df0c974d
 _STAGES = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}')
            for n in ('fit', 'epoch', 'train', 'validate', 'batch', 'backward', 'step')}
+_AFTER_LOSS = ('after_loss', *_STAGES['backward'], *_STAGES['step'], 'after_batch')  # the events that see `loss_grad`
 
 
 def _build_table(cbs, training: bool) -> dict[str, tuple]:
@@ -344,7 +352,7 @@ class Learner:
         self.final_record, self.logger = None, self._log_row  # fastai's: the last epoch row; called with each row
         self.cbs = []
         self._tables = {True: {e: () for e in EVENTS}, False: {e: () for e in EVENTS}}
-        self._bare_step = True
+        self._bare_step, self._copy_loss = True, {True: True, False: True}
         default = [TrainEvalCallback(), Recorder()]
         if progress or (progress is None and _interactive()): default.append(ProgressCallback())
         self.add_cbs(default + _as_list(cbs))
@@ -410,6 +418,10 @@ def _rebuild(self: Learner):
     self._tables = {True: _build_table(self.cbs, True), False: _build_table(self.cbs, False)}
     # No handler at any backward/step event (the default fp32 loop): `_do_one_batch` skips their empty dispatch
     self._bare_step = not any(self._tables[True][e] for e in (*_STAGES['backward'], *_STAGES['step']))
+    # `loss` is a copy of `loss_grad` (as in fastai: fastai's GradientAccumulation divides `loss_grad` in place) when
+    # a callback runs between the loss and the end of the batch that may change it; copying costs ~2 us per batch
+    self._copy_loss = {t: any(not getattr(cb, '_keeps_loss_grad', False) for e in _AFTER_LOSS for cb, _ in tbl[e])
+                       for t, tbl in self._tables.items()}
 
 
 @patch
@@ -515,10 +527,27 @@ def _split(self: Learner, b):
 def one_batch(self: Learner, i: int, b):
     "Move batch `b` to the device, split it into `xb`/`yb` and run it through the batch events"
     self.iter = i
+    # The last batch's graph (its buffers already freed by backward) stays alive until this batch's loss exists, as
+    # in a hand-written loop: freeing it first would also free, then rebuild, every parameter's gradient accumulator
+    prev_graph = self.loss_grad  # noqa: F841
     self.loss = self.loss_grad = self.pred = None
-    self._split(to_device(b, self.device, self._non_blocking))
-    self.bs = _batch_size(self.yb, self.xb)
-    self._with_events(self._do_one_batch, 'batch', CancelBatchException)
+    dev = self.device
+    if type(b) is tuple and len(b) == 2 and self.dls.n_inp in (None, 1):  # the usual (x, y): `_split` written out
+        x, y = b
+        if type(x) is not torch.Tensor or x.device != dev or type(y) is not torch.Tensor or y.device != dev:
+            x, y = to_device(b, dev, self._non_blocking)
+        self.xb, self.yb = (x,), (y,)
+        self.bs = y.shape[0] if type(y) is torch.Tensor and y.ndim else _batch_size((y,), (x,))
+    else:
+        self._split(to_device(b, dev, self._non_blocking))
+        self.bs = _batch_size(self.yb, self.xb)
+    # `_with_events(self._do_one_batch, 'batch', ...)` written out: this runs once per batch, and an event without
+    # handlers (most of them, in a plain loop) is skipped without a call
+    try:
+        if self._tables[self.training]['before_batch']: self('before_batch')
+        self._do_one_batch()
+    except CancelBatchException: self('after_cancel_batch')
+    self('after_batch')
 
 
 def _batch_size(yb, xb) -> int:
@@ -528,17 +557,20 @@ def _batch_size(yb, xb) -> int:
 
 @patch
 def _do_one_batch(self: Learner):
-    fc = self.forward_context
-    if fc is contextlib.nullcontext: self.pred = self.model(*self.xb)  # full precision: no context to enter
+    # Attributes are read once into locals: `Learner.__getattr__` (fastai's fallback to the model) makes every
+    # attribute read on the learner slower than on a plain object, and this runs once per batch
+    fc, training = self.forward_context, self.training
+    if fc is contextlib.nullcontext: pred = self.model(*self.xb)  # full precision: no context to enter
     else:
-        with fc(): self.pred = self.model(*self.xb)
-    self('after_pred')
+        with fc(): pred = self.model(*self.xb)
+    self.pred = pred
+    if self._tables[training]['after_pred']: self('after_pred')  # an event without handlers is not dispatched
     if self.yb:
-        self.loss_grad = self.loss_func(self.pred, *self.yb)
-        if self.iter == 0: check_loss(self.loss_grad, self.loss_func, self.training)  # a float, a vector, no grad
-        self.loss = self.loss_grad.detach().clone()  # as fastai: a callback changing `loss_grad` leaves `loss` alone
-    self('after_loss')
-    if not self.training: return
+        loss = self.loss_func(self.pred, *self.yb)
+        if self.iter == 0: check_loss(loss, self.loss_func, training)  # a float, a vector, no grad
+        self.loss_grad, self.loss = loss, loss.detach().clone() if self._copy_loss[training] else loss.detach()
+    if self._tables[training]['after_loss']: self('after_loss')
+    if not training: return
     if not self.yb:
         raise ValueError(f"A training batch has no target: it had {len(self.xb)} element(s), all taken as inputs. "
                          f"Yield (x, y) batches, or set DataLoaders(..., n_inp=k) to leave the targets after k inputs.")

@@ -18,6 +18,7 @@ __all__ = ['ProgressCallback', 'LossGraph']
 class ProgressCallback(Callback):
     "A `tqdm` progress bar over the batches of each training and validation phase"
     order = 60  # after `Recorder`, whose loss it shows
+    _keeps_loss_grad = True  # reads the loss only (see `Learner._rebuild`)
 
     _bar = None
     _graph = None

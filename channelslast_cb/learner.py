@@ -421,7 +421,7 @@ def _rebuild(self: Learner):
     self._bare_step = not any(self._tables[True][e] for e in (*_STAGES['backward'], *_STAGES['step'])) and all(
         getattr(type(self), k) is f and k not in self.__dict__ for k, f in _OWN_STEPS.items())
     # `loss` is a copy of `loss_grad` (as in fastai: fastai's GradientAccumulation divides `loss_grad` in place) when
-    # a callback runs between the loss and the end of the batch that may change it; copying costs ~2 us per batch
+    # a callback runs between the loss and the end of the batch that may change it; copying costs 1-3 us per batch
     self._copy_loss = {t: any(not getattr(cb, '_keeps_loss_grad', False) for e in _AFTER_LOSS for cb, _ in tbl[e])
                        for t, tbl in self._tables.items()}
 

@@ -237,7 +237,8 @@ class DistributedTrainer(Callback):
         self.sync_bn, self.seed, self.ddp_kwargs = sync_bn, seed, ddp_kwargs
         self.owns_group = False  # set by `Learner.to_distributed` when it created the process group
         self._plain = self._wrapped = self._dls = self._muted_rec = self._reducing = None
-        self._muted_bars, self._epochs, self._valid_split, self._valid_cache = [], 0, False, None
+        self._muted_bars, self._valid_split, self._valid_cache = [], False, None
+        self._epochs_done, self._epoch_offset = 0, None  # `set_epoch` numbers: see `before_train`
 
     @property
     def group(self):
@@ -248,7 +249,7 @@ class DistributedTrainer(Callback):
         self._restore()  # a fit that raised skips after_fit: undo what it left first
         _require_group(type(self).__name__)
         self._rank, self._world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        self._valid_split = False
+        self._valid_split, self._epoch_offset = False, None
         if self._rank != 0: self._mute()
         rec = getattr(self.learn, 'recorder', None)
         if rec is not None: rec.reduce, self._reducing = self._all_reduce, rec  # results of all ranks, on every rank
@@ -272,8 +273,11 @@ class DistributedTrainer(Callback):
     def before_train(self):
         if self._plain is None: return
         self.learn.model = self._wrapped  # in case validation ended early (CancelEpochException) with the plain model
-        _set_epoch(self.learn.dl, self._epochs)  # count across fits, so that a second fit reshuffles too
-        self._epochs += 1
+        epoch = self.learn.epoch
+        if self._epoch_offset is None:  # the fit's first epoch: go on counting after earlier fits, unless resuming
+            self._epoch_offset = self._epochs_done if epoch == 0 else 0
+        _set_epoch(self.learn.dl, self._epoch_offset + epoch)
+        self._epochs_done = self._epoch_offset + epoch + 1
 
     def after_train(self):
         if self._plain is not None and self.ddp_kwargs.get('broadcast_buffers', True): self._sync_buffers()

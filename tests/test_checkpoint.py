@@ -300,6 +300,17 @@ def test_ddp_only_rank0_writes(tmp_path):
     assert 'Rank 0 failed to write the checkpoint' in ranks[1]['blocked'], ranks[1]['blocked']
 
 
+def test_ddp_resume_ends_with_the_same_weights(tmp_path):
+    "A DDP run resumed with `start_epoch` shuffles its epochs as the uninterrupted run did, so it ends at the same weights"
+    from test_distributed import torchrun
+    torchrun('tests/ddp_resume_worker.py', str(tmp_path))
+    runs = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
+    for r, run in enumerate(runs):
+        for k, v in run['full'].items():
+            torch.testing.assert_close(run['resumed'][k], v, rtol=0, atol=1e-6, msg=f'rank {r} {k}')
+            torch.testing.assert_close(runs[1]['full'][k], runs[0]['full'][k], rtol=0, atol=0)  # DDP: ranks agree
+
+
 def test_weights_only_false_is_accepted_and_changes_nothing(saved):
     learn, good = saved
     assert learn.load('good', weights_only=False) is learn  # fastai's SaveModelCallback passes it

@@ -232,6 +232,7 @@ class Recorder(Callback):
         return any(getattr(cb, 'skips_nonfinite_steps', False) for cb in self.learn.cbs)  # read every 64 steps
 
     def after_train(self): self._flush()
+    def after_fit(self): self._flush()  # a `CancelFitException` inside an epoch skips `after_train`
 
     def before_validate(self):
         self._vsum, self._vn = torch.zeros((), device=self.learn.device), 0

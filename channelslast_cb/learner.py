@@ -352,8 +352,7 @@ class Learner:
         self.forward_context = contextlib.nullcontext
         self.final_record, self.logger = None, self._log_row  # fastai's: the last epoch row; called with each row
         self.cbs = []
-        self._tables = {True: {e: () for e in EVENTS}, False: {e: () for e in EVENTS}}
-        self._bare_step, self._copy_loss = True, {True: True, False: True}
+        self._rebuild()  # the handler tables and the flags `_do_one_batch` reads (no callbacks yet)
         default = [TrainEvalCallback(), Recorder()]
         if progress or (progress is None and _interactive()): default.append(ProgressCallback())
         self.add_cbs(default + _as_list(cbs))
@@ -417,10 +416,8 @@ def smooth_loss(self: Learner) -> torch.Tensor | None:
 def _rebuild(self: Learner):
     "Precompute the per-event handler tables (after any change to `cbs`)"
     self._tables = {True: _build_table(self.cbs, True), False: _build_table(self.cbs, False)}
-    # No handler at any backward/step event (the default fp32 loop), and `_backward`/`_step` are the learner's own (not
-    # a subclass's, a patch's or an instance's): `_do_one_batch` runs them inline, without 6 empty dispatches
-    self._bare_step = not any(self._tables[True][e] for e in (*_STAGES['backward'], *_STAGES['step'])) and all(
-        getattr(type(self), k) is f and k not in self.__dict__ for k, f in _OWN_STEPS.items())
+    # No handler at any backward/step event (the default fp32 loop): `_do_one_batch` skips their empty dispatch
+    self._bare_step = not any(self._tables[True][e] for e in (*_STAGES['backward'], *_STAGES['step']))
     # `loss` is a copy of `loss_grad` (as in fastai: fastai's GradientAccumulation divides `loss_grad` in place) when
     # a callback runs between the loss and the end of the batch that may change it; copying costs 1-3 us per batch
     self._copy_loss = {t: any(not getattr(cb, '_keeps_loss_grad', False) for e in _AFTER_LOSS for cb, _ in tbl[e])
@@ -577,10 +574,10 @@ def _do_one_batch(self: Learner):
     if not self.yb:
         raise ValueError(f"A training batch has no target: it had {len(self.xb)} element(s), all taken as inputs. "
                          f"Yield (x, y) batches, or set DataLoaders(..., n_inp=k) to leave the targets after k inputs.")
-    if self._bare_step:  # the same as below, written out (see `_rebuild`)
-        try: self.loss_grad.backward()
-        except CancelBackwardException: pass  # raised by a hook of the model
-        try: self.opt.step()
+    if self._bare_step:  # the same as below when no callback handles these events, without 6 empty dispatches
+        try: self._backward()
+        except CancelBackwardException: pass
+        try: self._step()
         except CancelStepException: pass
     else:
         self._with_events(self._backward, 'backward', CancelBackwardException)
@@ -595,8 +592,6 @@ def _backward(self: Learner): self.loss_grad.backward()
 @patch
 def _step(self: Learner): self.opt.step()
 
-
-_OWN_STEPS = {'_backward': Learner._backward, '_step': Learner._step}  # what `_do_one_batch` may run inline
 
 
 @patch

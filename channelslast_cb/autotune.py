@@ -19,7 +19,7 @@ from .fp16 import AMPMode, PRECISIONS, amp_speed, autocast_supported, collective
 
 # %% auto #0
 __all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'LAYOUTS', 'ALL_SETTINGS', 'AUTO_DROP_RATIO', 'Setting', 'candidate_settings',
-           'AutoDecision', 'check_trial_args', 'StepTrial']
+           'AutoDecision', 'paired_ratio', 'fastest', 'check_trial_args', 'StepTrial']
 
 # %% ../nbs/02c_autotune.ipynb #2a91840d
 CHANNELS_LAST, CONTIGUOUS = 'channels_last', 'contiguous'
@@ -89,6 +89,20 @@ class AutoDecision:
         if others: line += f"; step time vs it: {', '.join(others)}"
         if self.left_out: line += f"; not timed: {', '.join(f'{p} ({why})' for p, why in self.left_out.items())}"
         return line
+
+
+def paired_ratio(rounds: list[dict],  # per round: {setting: its block time}
+                 s, ref) -> float:       # the setting to rate, and the one to rate it against
+    "Median over the rounds that timed both of `s`'s time over `ref`'s: paired, so load drift cancels"
+    return statistics.median(r[s] / r[ref] for r in rounds if s in r and ref in r)
+
+
+def fastest(rounds: list[dict],          # per round: {setting: its block time}
+            candidates: list,            # the settings that may be kept, in order of preference on a tie
+            ref=None):                   # the setting every candidate is paired with (default: the first candidate)
+    "The candidate with the lowest `paired_ratio` to `ref`, ties going to the earlier one: the rule of `auto=True`"
+    ref = candidates[0] if ref is None else ref
+    return min(candidates, key=lambda s: paired_ratio(rounds, s, ref))
 
 
 def check_trial_args(warmup: int, block: int, rounds: int, drop: float):
@@ -176,16 +190,13 @@ class StepTrial:
         "Median over the rounds `s` ran in of its block time over that round's best"
         return statistics.median(r[s] / min(r.values()) for r in self.round_times if s in r)
 
-    def _vs(self, s: Setting, ref: Setting) -> float:
-        "Median over the rounds both ran in of `s`'s block time over `ref`'s: paired, so load drift cancels"
-        return statistics.median(r[s] / r[ref] for r in self.round_times if s in r and ref in r)
-
     def _decide(self):
         keep = [s for s in self.alive if self.eligible(s)]
         # Each survivor against the first one, round by round: the lowest median ratio wins (ties: the earlier setting)
-        best = min(keep, key=lambda s: self._vs(s, self.alive[0])) if self.round_times else keep[0]
+        best = fastest(self.round_times, keep, ref=self.alive[0]) if self.round_times else keep[0]
         ms = lambda s: statistics.median(self.times[s]) * 1e3 if self.times[s] else math.nan
-        table = tuple(dict(setting=s, ms=ms(s), vs_kept=self._vs(s, best) if self.round_times else 1., timed=len(self.times[s]),
+        vs = lambda s: paired_ratio(self.round_times, s, best) if self.round_times else 1.
+        table = tuple(dict(setting=s, ms=ms(s), vs_kept=vs(s), timed=len(self.times[s]),
                            dropped_after=self.dropped.get(s), kept=s == best) for s in self.settings)
         self.decision, self._queue = AutoDecision(best, table, self.steps, self.left_out), []
 

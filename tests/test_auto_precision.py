@@ -278,3 +278,23 @@ def test_ddp_ranks_take_one_auto_decision(ddp_ranks):
     assert r0['auto'] == r1['auto'] and r0['auto']['kept'] == 'channels_last/bf16', (r0['auto'], r1['auto'])
     assert r0['auto']['timed'] == ['channels_last/bf16', 'contiguous/bf16', 'channels_last/fp32', 'contiguous/fp32']
     assert r0['precision'] == r1['precision'] == 'bf16' and r0['weights'] == r1['weights']
+
+
+# ---------------------------------------------------------------- the benchmark names the setting auto=True keeps
+
+@pytest.mark.parametrize('kind', ['avx2_only', 'avx512_bf16'])
+def test_bench_marks_what_auto_keeps_by_the_same_rule(fresh, kind):
+    "Given the same interleaved rounds, `channelslast-bench` and `StepTrial` keep the same setting"
+    from channelslast_cb.autotune import StepTrial
+    from channelslast_cb.bench import mark_auto_choice
+    seed(**KINDS[kind][0])
+    rounds = [{(CHANNELS_LAST, 'fp32'): 10., (CONTIGUOUS, 'fp32'): 9.5, (CHANNELS_LAST, 'bf16'): 6., (CONTIGUOUS, 'bf16'): 6.3},
+              {(CHANNELS_LAST, 'fp32'): 10.2, (CONTIGUOUS, 'fp32'): 9.9, (CHANNELS_LAST, 'bf16'): 6.6, (CONTIGUOUS, 'bf16'): 6.2},
+              {(CHANNELS_LAST, 'fp32'): 9.8, (CONTIGUOUS, 'fp32'): 9.7, (CHANNELS_LAST, 'bf16'): 5.9, (CONTIGUOUS, 'bf16'): 6.0}]
+    rows = [dict(model='m', mode='train', layout=l, precision=p, round_ms=[r[l, p] for r in rounds]) for l, p in rounds[0]]
+    kept = next(r for r in mark_auto_choice(rows, 'cpu') if r['auto'])
+    trial = StepTrial(candidate_settings('cpu')[0], warmup=0, block=1, rounds=3)
+    while trial.setting is not None: trial.record(rounds[len(trial.round_times)][trial.setting.layout, trial.setting.precision])
+    assert (kept['layout'], kept['precision']) == (trial.decision.layout, trial.decision.precision)
+    assert trial.decision.precision == KINDS[kind][1]
+    assert sum(r['auto'] for r in rows) == 1

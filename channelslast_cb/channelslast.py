@@ -165,7 +165,7 @@ class ChannelsLast(Callback):
         self.decision = None         # auto: its `AutoDecision` (layout, precision, the table) once measured
         self._warned, self._check_batch = set(), False
         if auto:
-            self._t0, self._sync, self._mp = None, None, None
+            self._t0, self._sync, self._mp, self._asked = None, None, None, None
             self._clock = time.perf_counter
             # Instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
             self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
@@ -239,11 +239,11 @@ def _auto_before_fit(self: ChannelsLast):
     self._sync, self._t0 = _synchronizer(learn.model), None
     self._mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
     if self.decision is None and getattr(learn, 'fitting', True):
-        if self.trial is None:
-            asked = 'fp32' if self._mp is None else self._mp.amp_mode  # 'auto' also decides the precision
+        asked = 'fp32' if self._mp is None else self._mp.amp_mode.value  # 'auto' also decides the precision
+        if self.trial is None or self._asked != asked:  # (the precision was changed between two fits: start over)
             settings, left_out = candidate_settings(model_device(learn.model), asked)
-            self.trial = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop,
-                                   group=distributed_group(learn), left_out=left_out)
+            self.trial, self._asked = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop,
+                                                group=distributed_group(learn), left_out=left_out), asked
         self._warn_slow_amp()
 
 

@@ -298,3 +298,19 @@ def test_bench_marks_what_auto_keeps_by_the_same_rule(fresh, kind):
     assert (kept['layout'], kept['precision']) == (trial.decision.layout, trial.decision.precision)
     assert trial.decision.precision == KINDS[kind][1]
     assert sum(r['auto'] for r in rows) == 1
+
+
+def test_a_precision_changed_mid_trial_starts_the_trial_over(fresh):
+    "auto=True was measuring fp32 and bf16 when the user fixed bf16: the next fit times bf16 only, and never fp32"
+    seed(**KINDS['avx512_bf16'][0])
+    cb = ChannelsLast(auto=True, warmup=1, block=2, rounds=2, drop=100.)
+    learn = make_learner([cb, MixedPrecision()], n=8 * 6)  # 6 of the 24 measuring steps
+    learn.fit(1)
+    assert cb.decision is None and {s.precision for s in cb.trial.settings} == {'bf16', 'fp32'}
+    learn.to_bf16()
+    learn.add_cb(probe := ConvDtype())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', AMPSpeedWarning)
+        learn.fit(2)
+    assert cb.decision is not None and cb.decision.precision == 'bf16' and set(probe.seen) == {torch.bfloat16}
+    assert [str(r['setting']) for r in cb.decision.table] == ['channels_last/bf16', 'contiguous/bf16']

@@ -7,6 +7,7 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/fp16.html.md"""
 # %% ../nbs/02_fp16.ipynb #e8920b3d
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -16,8 +17,6 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-
-import contextlib
 
 import torch
 import torch.distributed as dist

@@ -10,6 +10,7 @@ from .progress import *
 from .checkpoint_io import *
 from .learner import *
 from .fp16 import *
+from .autotune import *
 from .repair import *
 from .channelslast import *
 from .audit import *

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .channelslast import to_channels_last
-from .fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
+from .fp16 import AMPMode, MixedPrecision, check_amp_support, decide_amp, to_float32
 from .guards import check_bool
 from .learner import Learner, model_device, to_device
 from .repair import LayoutFix, repair_plan
@@ -386,13 +386,13 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
                   backward: bool = False,           # also run a backward pass and count its copies
                   loss_func: Callable | None = None,  # `loss_func(output) -> scalar` for the backward; default: sum of the outputs
                   train: bool | None = None,        # run in training (True) or eval (False) mode; None: the model's mode
-                  amp: str | AMPMode | None = None, # autocast mode 'fp16' or 'bf16'; None: float32
+                  amp: str | AMPMode | None = None, # autocast mode 'fp16', 'bf16' or 'auto' (as `decide_amp` chooses); None: float32
                   copy: bool | None = None          # True: audit a deep copy; False: run `model` itself and restore it after; None: a copy if possible
                  ) -> LayoutReport:
     "Run `model` once in channels-last on `x` and report per module where the memory format breaks and copies happen"
     _check_report_args(model, x, backward, loss_func, train, amp, copy)
     device = model_device(model)
-    mode = None if amp is None else check_amp_support(amp, device)
+    mode = None if amp is None else decide_amp(device).mode if AMPMode(amp) is AMPMode.AUTO else check_amp_support(amp, device)
     xb = to_channels_last(to_device(x if isinstance(x, tuple) else (x,), device))
     with _channels_last_model(model, copy) as m:
         if train is not None: m.train(train)
@@ -406,7 +406,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
             with torch.set_grad_enabled(backward), _Ops(audit), labels:
                 with autocast: out = m(*xb)
                 if backward:
-                    out = _to_float32(out)  # as MixedPrecision does with predictions
+                    out = to_float32(out)  # as MixedPrecision does with predictions
                     loss = loss_func(out) if loss_func is not None else _sum_loss(out)
                     loss.backward()
         except Exception as e:
@@ -445,4 +445,4 @@ def layout_report(self: Learner,
     mp = next((cb for cb in self.cbs if isinstance(cb, MixedPrecision)), None)
     loss = (lambda pred: self.loss_func(pred, *yb)) if backward else None
     return layout_report(self.model, xb, backward=backward, loss_func=loss, train=train,
-                         amp=None if mp is None else mp.amp_mode, copy=copy)
+                         amp=None if mp is None else mp.mode, copy=copy)  # the mode in force ('auto': as decided)

@@ -31,18 +31,18 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .compile import compile_module
-from .fp16 import AMPMode, amp_speed, autocast_supported, check_amp_speed
+from .autotune import candidate_settings, fastest
+from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, check_amp_speed
 from .repair import repair_layout
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'LAYOUTS', 'REPAIRED', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device',
-           'supported_precisions', 'default_precisions', 'check_precisions', 'device_name', 'synchronize',
-           'resolve_model', 'create_model', 'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner',
-           'iter_bench', 'bench_models', 'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups',
-           'build_parser', 'main']
+__all__ = ['LAYOUTS', 'REPAIRED', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device', 'supported_precisions',
+           'default_precisions', 'check_precisions', 'device_name', 'synchronize', 'resolve_model', 'create_model',
+           'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'mark_auto_choice', 'iter_bench',
+           'bench_models', 'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser',
+           'main']
 
 # %% ../nbs/05_bench.ipynb #e899538a
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 LAYOUTS = ('contiguous', 'channels_last')
 REPAIRED = 'channels_last_repaired'  # --repair: channels-last after `repair_layout`
 MODES = ('train', 'infer')
@@ -403,6 +403,20 @@ def _size_hint(model: nn.Module, img_size: int) -> str:
     return f" (timm made it for {size[-1]} px inputs: try --img-size {size[-1]})" if size and size[-1] != img_size else ''
 
 
+def mark_auto_choice(rows: list[dict],        # one model's training rows, from `TrainRunner.run`
+                     device: str | torch.device  # where they ran
+                    ) -> list[dict]:
+    "Set `auto` on each row: True on the one `to_channelslast(auto=True)` would keep here, False on the others"
+    cands = [(s.layout, s.precision) for s in candidate_settings(device, 'auto')[0]]  # what auto=True would time
+    timed = {(r['layout'], r['precision']): r for r in rows if not r.get('compiled') and r['layout'] in LAYOUTS}
+    order = [c for c in cands if c in timed]  # the candidates this run timed, in auto's order
+    if order:
+        rounds = [{c: timed[c]['round_ms'][i] for c in order} for i in range(len(timed[order[0]]['round_ms']))]
+        keep = timed[fastest(rounds, order)]  # the library's own rule, on the same interleaved rounds
+    for r in rows: r['auto'] = bool(order) and r is keep
+    return rows
+
+
 def iter_bench(models: Sequence[str | nn.Module],           # model names (timm first, then torchvision) or modules
                batch_size: int = 16,                         # samples per step
                img_size: int = 224,                          # input height and width
@@ -444,7 +458,8 @@ def iter_bench(models: Sequence[str | nn.Module],           # model names (timm 
                 try:
                     runner = runner_cls(model, batch_size, img_size, layouts, precisions, device, in_chans, name, source,
                                         compiled=compiled)
-                    yield runner.run(steps, repeats, warmup, peaks, lambda msg: log(f'[{i + 1}/{len(models)}] {msg}'))
+                    rows = runner.run(steps, repeats, warmup, peaks, lambda msg: log(f'[{i + 1}/{len(models)}] {msg}'))
+                    yield mark_auto_choice(rows, device) if runner_cls is TrainRunner else rows
                 except (RuntimeError, AssertionError, ValueError) as e:
                     raise BenchRunError(f"{name} ({source}) failed in {runner_cls.mode} mode on a batch of {batch_size} x "
                                         f"{in_chans}x{img_size}x{img_size} on {device}: {type(e).__name__}: {e}"
@@ -463,21 +478,22 @@ def bench_models(models: Sequence[str | nn.Module], **kwargs) -> list[dict]:
 COLUMNS = ('model', 'source', 'mode', 'layout', 'precision', 'device', 'batch_size', 'img_size', 'steps', 'repeats',
            'samples_per_s', 'step_ms', 'step_ms_min', 'step_ms_max', 'spread_pct', 'speedup', 'speedup_q1', 'speedup_q3',
            'gflop_per_step',
-           'tflops', 'peak_tflops', 'pct_peak', 'params_m', 'compiled', 'compile_s')
+           'tflops', 'peak_tflops', 'pct_peak', 'params_m', 'compiled', 'compile_s', 'auto')
 
 _TABLE = (('model', 'model', '<', '{}'), ('source', 'source', '<', '{}'), ('mode', 'mode', '<', '{}'),
           ('layout', 'layout', '<', '{}'), ('precision', 'precision', '<', '{}'),
           ('samples/s', 'samples_per_s', '>', '{:.1f}'), ('step ms', 'step_ms', '>', '{:.1f}'),
           ('spread', 'spread_pct', '>', '{:.0f}%'), ('speed-up', 'speedup', '>', '{:.2f}x'),
-          ('TFLOP/s', 'tflops', '>', '{:.3f}'), ('% peak', 'pct_peak', '>', '{:.1f}'))
+          ('TFLOP/s', 'tflops', '>', '{:.3f}'), ('% peak', 'pct_peak', '>', '{:.1f}'),
+          ('auto=True keeps', 'auto', '<', lambda v: '<-' if v else ''))
 _COMPILE_COLS = (('compiled', 'compiled', '<', '{}'), ('compile s', 'compile_s', '>', '{:.1f}'))  # with --compile only
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    "The rows as an aligned text table: model, source, mode, layout, precision, samples/s, step ms, spread, speed-up, TFLOP/s, % peak"
+    "The rows as an aligned text table: model, ..., speed-up, TFLOP/s, % peak, and which row `auto=True` would keep"
     cols = _TABLE + _COMPILE_COLS if any(r.get('compiled') for r in rows) else _TABLE  # compiled, compile s
     cells = [[h for h, *_ in cols]]
-    cells += [['-' if r.get(k) is None else f.format(r[k]) for _, k, _, f in cols] for r in rows]
+    cells += [['-' if r.get(k) is None else f(r[k]) if callable(f) else f.format(r[k]) for _, k, _, f in cols] for r in rows]
     widths = [max(len(c[j]) for c in cells) for j in range(len(cols))]
     line = lambda c: '  '.join(f'{s:{a}{w}}' for s, (_, _, a, _), w in zip(c, cols, widths)).rstrip()
     return '\n'.join([line(cells[0]), line(['-' * w for w in widths]), *map(line, cells[1:])])
@@ -708,6 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = bench_meta(device, precisions, 'channelslast-bench ' + ' '.join(sys.argv[1:] if argv is None else argv))
     if left_out: meta['precisions_left_out'] = left_out
     print(format_table(rows))
+    for r in rows:  # per model: the setting `to_channelslast(auto=True)` would keep on this machine
+        if r.get('auto'): print(f"auto=True keeps for {r['model']}: {r['layout']}/{r['precision']}"
+                                + (f" ({r['speedup']:.2f}x contiguous fp32)" if r.get('speedup') else ''))
     print('matmul peak: ' + ', '.join(f'{p} {v:.3f} TFLOP/s' for p, v in meta['matmul_peak_tflops'].items())
           + f' ({meta["peak_method"]})')
     return 1 if _write_outputs(args, rows, meta, say) else 0

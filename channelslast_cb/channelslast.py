@@ -8,7 +8,6 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/channelslast.html.md"""
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 from collections.abc import Mapping
@@ -22,13 +21,15 @@ from torch import Tensor, nn
 
 from .core import Callback
 from .guards import check_keywords
-from .fp16 import AMPMode, MixedPrecision, check_amp_speed
+from .fp16 import AMPMode, MixedPrecision, check_amp_speed, distributed_group, host_log, say_choice
+from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings,
+                                      check_trial_args)
 from .learner import Learner, model_device
 from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
-__all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'to_channels_last', 'to_contiguous_format', 'match_opt_state_layout',
-           'ChannelsLastWarning', 'has_conv', 'ChannelsLast']
+__all__ = ['to_channels_last', 'to_contiguous_format', 'match_opt_state_layout', 'ChannelsLastWarning', 'has_conv',
+           'ChannelsLast']
 
 # %% ../nbs/03_channelslast.ipynb #62d84942
 _CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -111,8 +112,6 @@ class ChannelsLastWarning(UserWarning):
     "Channels-last cannot speed up this model or these inputs (filter it with `warnings.simplefilter`)"
 
 
-CHANNELS_LAST, CONTIGUOUS = 'channels_last', 'contiguous'
-
 
 def has_conv(model: nn.Module) -> bool:
     "Whether `model` has a 2-D or 3-D convolution (plain or transposed)"
@@ -146,11 +145,12 @@ class ChannelsLast(Callback):
     _keeps_loss_grad = True  # its step timing (auto) reads no loss (see `Learner._rebuild`)
 
     def __init__(self,
-                 auto: bool = False,  # time both layouts on the first training steps and keep the faster one
-                 warmup: int = 2,     # auto: steps after each layout switch that are not timed
-                 block: int = 2,      # auto: timed steps per block (blocks of the two layouts alternate)
-                 rounds: int = 4,     # auto: blocks per layout
+                 auto: bool = False,  # time the layouts (and with MixedPrecision('auto'), the precisions) on the first training steps; keep the fastest
+                 warmup: int = 2,     # auto: steps after each switch that are not timed
+                 block: int = 2,      # auto: timed steps per setting per round (the settings' blocks alternate)
+                 rounds: int = 4,     # auto: rounds at most
                  repair: bool = False,  # rewrite the modules that drop the format (`repair_layout`) when attached and in `before_fit`
+                 drop: float = AUTO_DROP_RATIO,  # auto: drop a setting whose steps take more than this many times the best's
                  **handlers):         # extra event handlers, as for any `Callback`
         super().__init__(**handlers)
         if not isinstance(auto, bool): raise TypeError(f"auto must be True or False, got {auto!r}")
@@ -159,18 +159,14 @@ class ChannelsLast(Callback):
         if auto and {'before_batch', 'after_step'} & set(handlers):
             raise TypeError("ChannelsLast(auto=True) times steps with its own before_batch and after_step handlers; "
                             "pass those handlers to a separate Callback")
-        for k, v, lo in (('warmup', warmup, 0), ('block', block, 1), ('rounds', rounds, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
-        self.auto, self.warmup, self.block, self.rounds = auto, warmup, block, rounds
+        self.auto, self.warmup, self.block, self.rounds, self.drop = auto, warmup, block, rounds, drop
+        check_trial_args(warmup, block, rounds, drop)  # a bad window is refused at once, not at the first fit
         self.layout = CHANNELS_LAST  # the layout the model and inputs are in: changed only by the automatic choice
-        self.decision = None         # auto: {'layout', 'ratio', 'times', ...} once measured
+        self.trial = None            # auto: the `StepTrial` timing the first training steps
+        self.decision = None         # auto: its `AutoDecision` (layout, precision, the table) once measured
         self._warned, self._check_batch = set(), False
         if auto:
-            self.times = {CHANNELS_LAST: [], CONTIGUOUS: []}  # seconds per timed step
-            self._plan = [(lay, i >= warmup) for _ in range(rounds) for lay in (CHANNELS_LAST, CONTIGUOUS)
-                          for i in range(warmup + block)]  # (layout, timed) for each measuring step
-            self._k, self._t0, self._extra, self._sync = 0, None, 0, None
+            self._t0, self._sync, self._mp, self._asked = None, None, None, None
             self._clock = time.perf_counter
             # Instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
             self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
@@ -182,10 +178,12 @@ class ChannelsLast(Callback):
         self._warned.add(key)
         warnings.warn(msg, ChannelsLastWarning, stacklevel=2)
 
-    def _log(self, msg: str):
-        learn = self.learn
-        if callable(getattr(type(learn), 'log', None)): learn.log(msg)
-        else: print(msg)  # a fastai Learner: its `logger` takes epoch rows (its progress bar's table), and its callbacks print
+    def _log(self, msg: str): host_log(self.learn)(msg)
+
+    def handler(self, event_name: str):
+        "No `before_batch` once `auto` has decided to stay contiguous: there is nothing left to convert"
+        if event_name == 'before_batch' and self.decision is not None and self.layout == CONTIGUOUS: return None
+        return super().handler(event_name)
 
     def set_layout(self, layout: str):
         "Put the model, its gradients and the optimizer state in `layout` ('channels_last' or 'contiguous')"
@@ -238,31 +236,37 @@ class ChannelsLast(Callback):
 # %% ../nbs/03_channelslast.ipynb #3b41a81a
 @patch
 def _auto_before_fit(self: ChannelsLast):
-    self._sync = _synchronizer(self.learn.model)
-    self._t0 = None
-    if self._plan is not None and getattr(self.learn, 'fitting', True):
-        self._extra = 1 if self._plan[self._k][1] else 0  # resuming on a timed step: run one cold step untimed first
+    learn = self.learn
+    self._sync, self._t0 = _synchronizer(learn.model), None
+    self._mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+    if self.decision is None and getattr(learn, 'fitting', True):
+        asked = 'fp32' if self._mp is None else self._mp.amp_mode.value  # 'auto' also decides the precision
+        if self.trial is None or self._asked != asked:  # (the precision was changed between two fits: start over)
+            settings, left_out = candidate_settings(model_device(learn.model), asked)
+            self.trial, self._asked = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop,
+                                                group=distributed_group(learn), left_out=left_out), asked
         self._warn_slow_amp()
 
 
 @patch
 def _warn_slow_amp(self: ChannelsLast):
-    "Warn if the measuring steps will run under a mixed precision mode measured much slower than fp32"
-    mp = next((cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)), None)
-    if mp is None: return
-    n = len(self._plan) - self._k
+    "Warn if the measuring steps will run under a mixed precision mode the user fixed and the probe measured slow"
+    mp = self._mp
+    if mp is None or mp.amp_mode is AMPMode.AUTO: return  # 'auto' times no mode the probe measured slow
+    n = (self.warmup + self.block) * len(self.trial.alive)
     check_amp_speed(mp.amp_mode, model_device(self.learn.model),
-                    f"ChannelsLast(auto=True) times its {n} measuring steps in this mode: expect them to take about "
-                    f"that many times as long as in fp32, and its layout choice to be made for a mode you may not "
-                    f"keep. ", key='auto')
+                    f"ChannelsLast(auto=True) times its measuring steps ({n} per round) in this mode: expect them to "
+                    f"take about that many times as long as in fp32, and its layout choice to be made for a mode you "
+                    f"may not keep. ", key='auto')
 
 
 @patch
 def _auto_before_batch(self: ChannelsLast):
     learn = self.learn
-    if self._plan is not None and learn.training:
-        want = self._plan[self._k][0]
-        if want != self.layout: self.set_layout(want)
+    if self.decision is None and learn.training:
+        s = self.trial.setting
+        if s.layout != self.layout: self.set_layout(s.layout)
+        if self._mp is not None and s.precision != self._mp.precision: self._mp.use(s.precision)
         if self._sync is not None: self._sync()
         self._t0 = self._clock()
     if self._check_batch: self._first_batch()
@@ -274,52 +278,28 @@ def _auto_after_step(self: ChannelsLast):
     if self._t0 is None: return
     if self._sync is not None: self._sync()
     dt, self._t0 = self._clock() - self._t0, None
-    if self._extra:
-        self._extra -= 1
-        return
-    layout, timed = self._plan[self._k]
-    if timed: self.times[layout].append(dt)
-    self._k += 1
-    if self._k == len(self._plan): self._decide()
-
-
-def _times_of_all_ranks(cb: ChannelsLast) -> dict:
-    "`cb.times` averaged step by step over the processes of a distributed run (the same on every rank), else as is"
-    if not (dist.is_available() and dist.is_initialized()): return cb.times
-    group = getattr(getattr(cb.learn, 'distributed_trainer', None), 'group', None)  # DDP's group (None: the default)
-    world = dist.get_world_size(group)
-    if world < 2: return cb.times
-    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(group) == 'nccl' else torch.device('cpu')
-    t = torch.tensor([cb.times[CHANNELS_LAST], cb.times[CONTIGUOUS]], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, group=group)  # every rank reaches this at the same step: the plan has the same length on all
-    cl, cf = (t / world).tolist()
-    return {CHANNELS_LAST: cl, CONTIGUOUS: cf}
+    if (d := self.trial.record(dt)) is not None: self._adopt(d)
 
 
 @patch
-def _decide(self: ChannelsLast):
-    self.times = _times_of_all_ranks(self)  # under DDP every rank decides on the same timings: one layout for all
-    med = {k: statistics.median(v) for k, v in self.times.items()}
-    b = self.block  # each round timed `block` steps per layout, in order: pair the two blocks of each round
-    ratios = [statistics.median(self.times[CONTIGUOUS][r * b:(r + 1) * b]) /
-              statistics.median(self.times[CHANNELS_LAST][r * b:(r + 1) * b]) for r in range(self.rounds)]
-    ratio = statistics.median(ratios)
-    layout = CHANNELS_LAST if ratio >= 1 else CONTIGUOUS
-    self.decision = dict(layout=layout, ratio=ratio, round_ratios=ratios, times={k: list(v) for k, v in self.times.items()},
-                         median=med, steps=len(self._plan))
-    self._plan = None
-    self.set_layout(layout)
+def _adopt(self: ChannelsLast, d):
+    "Train in the setting `d` kept from now on, say it once, and drop the measuring handlers"
+    self.decision = d
+    self.set_layout(d.layout)
+    if self._mp is not None: self._mp.use(d.precision, keep=True)  # later fits too, not the probe's choice
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # one decision: said once
-        self._log(f"ChannelsLast(auto): channels-last runs at {ratio:.3f}x the speed of contiguous (median step "
-                  f"{med[CHANNELS_LAST] * 1e3:.2f} ms vs {med[CONTIGUOUS] * 1e3:.2f} ms, {len(self.times[CHANNELS_LAST])} "
-                  f"timed steps each); keeping {layout} for the rest of training")
+        say_choice(f"ChannelsLast(auto): {d}", self._log)
+    del self.before_batch, self.after_step  # from the next batch on: the fixed-layout `before_batch`, or none (`handler`)
+    rebuild = getattr(self.learn, '_rebuild', None)  # our Learner's per-event tables; fastai asks at every event
+    if callable(rebuild): rebuild()
 
 
 @patch
 def _auto_after_fit(self: ChannelsLast):
-    if self._plan is not None and getattr(self.learn, 'fitting', True):
-        self._log(f"ChannelsLast(auto): the fit ended after {self._k} of the {len(self._plan)} measuring steps; the "
-                  f"model stays {self.layout} for now, and the next fit goes on measuring")
+    if self.decision is None and self.trial is not None and getattr(self.learn, 'fitting', True):
+        self.trial.interrupt()
+        self._log(f"ChannelsLast(auto): the fit ended after {self.trial.steps} measuring steps, before the decision; "
+                  f"the model stays {self.layout} for now, and the next fit goes on measuring")
 
 # %% ../nbs/03_channelslast.ipynb #fb99bfe5
 _MP_KEYS = ('init_scale', 'growth_factor', 'backoff_factor', 'growth_interval', 'enabled', 'max_grad_norm')
@@ -335,22 +315,23 @@ def _same_amp(a: MixedPrecision, b: MixedPrecision) -> bool:
 @delegates(MixedPrecision, but=['amp_mode'])  # the GradScaler settings and max_grad_norm, passed on as given
 def to_channelslast(self: Learner,
                     use_amp: bool = True,           # also train in mixed precision: one `MixedPrecision(amp_mode, **kwargs)`
-                    amp_mode: str | AMPMode = 'fp16',  # 'fp16' (float16 with a GradScaler) or 'bf16' (no scaler)
-                    auto: bool = False,             # time both layouts on the first training steps and keep the faster one
+                    amp_mode: str | AMPMode = 'auto',  # 'auto' (the fastest here, or none), 'fp16' (+ GradScaler) or 'bf16'
+                    auto: bool = False,             # time layouts (and precisions) on the first training steps, keep the fastest
                     repair: bool = False,           # also rewrite the modules that drop the format (`repair_layout`)
                     **kwargs) -> Learner:
     "Train in channels-last: exactly one `ChannelsLast`, and with `use_amp` exactly one `MixedPrecision` as asked"
     # Check everything and build the new callbacks before changing anything: a bad call leaves the learner as it was
     for k, v in (('use_amp', use_amp), ('auto', auto), ('repair', repair)):
         if not isinstance(v, bool): raise TypeError(f"{k} must be True or False, got {v!r}")
-    mode = AMPMode(amp_mode)  # "amp_mode 'fp8' is not one of 'fp16', 'bf16'"
+    mode = AMPMode(amp_mode)  # "amp_mode 'fp8' is not one of 'fp16', 'bf16', 'auto'"
     check_keywords(kwargs, _MP_KEYS, 'to_channelslast()', f"it takes use_amp, amp_mode, auto, repair and the "
                                                           f"MixedPrecision settings {', '.join(_MP_KEYS)}")
     if kwargs and not use_amp:
         raise ValueError(f"to_channelslast(use_amp=False) adds no MixedPrecision, so {', '.join(kwargs)} cannot take "
                          f"effect. Drop them, or use use_amp=True (or learn.to_fp16(...) to change the precision alone).")
     new_mp = MixedPrecision(mode, **kwargs) if use_amp else None  # checks the settings (e.g. none with bf16)
-    if use_amp: check_amp_speed(mode, model_device(self.model, self.device))  # warns now if much slower than fp32 here
+    if use_amp and mode is not AMPMode.AUTO:  # a mode asked for by name: warn now if much slower than fp32 here
+        check_amp_speed(mode, model_device(self.model, self.device))
     cls = [cb for cb in self.cbs if isinstance(cb, ChannelsLast)]
     keep = next((cb for cb in cls if cb.auto == auto and cb.repair == repair), None)  # one already as asked keeps its state
     mps = [cb for cb in self.cbs if isinstance(cb, MixedPrecision)] if use_amp else []

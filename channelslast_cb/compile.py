@@ -153,8 +153,9 @@ class TorchCompile(Callback):
         if self._auto.decision is None: return
         del self.before_batch  # the handler runs no more: the batches pay nothing for it
         self.learn._rebuild()
-        self._log(f"TorchCompile: ChannelsLast(auto) chose {self._auto.decision['layout']} after "
-                  f"{self._auto.decision['steps']} eager measuring steps; compiling the model in it now")
+        d = self._auto.decision
+        self._log(f"TorchCompile: ChannelsLast(auto) chose {d.layout} ({d.precision}) after {d.steps} eager measuring "
+                  f"steps; compiling the model in it now")
         self._auto = None
         self._install()
 

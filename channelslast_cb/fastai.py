@@ -161,8 +161,8 @@ def _replacing(learn, stale: tuple, ours, *args, **kwargs):
 @delegates(MixedPrecision, but=['amp_mode'])
 def _to_channelslast(self,
                      use_amp: bool = True,              # also train in mixed precision: one `MixedPrecision(amp_mode, **kwargs)`
-                     amp_mode: str | AMPMode = 'fp16',  # 'fp16' (float16 with a GradScaler) or 'bf16' (no scaler)
-                     auto: bool = False,                # time both layouts on the first training steps, keep the faster
+                     amp_mode: str | AMPMode = 'auto',  # 'auto' (the fastest here, or none), 'fp16' (+ GradScaler) or 'bf16'
+                     auto: bool = False,                # time layouts (and precisions) on the first training steps, keep the fastest
                      **kwargs) -> FastaiLearner:
     "Train in channels-last: exactly one of our `ChannelsLast`, and with `use_amp` exactly one `MixedPrecision`"
     stale = (FastaiChannelsLast, FastaiMixedPrecision) if use_amp is True else (FastaiChannelsLast,)
@@ -217,7 +217,8 @@ def _layout_report(self,
     mp = next((cb for cb in self.cbs if isinstance(cb, (MixedPrecision, FastaiMixedPrecision))), None)
     loss = (lambda pred: self.loss_func(pred, *yb)) if backward else None
     return layout_report(self.model, xb, backward=backward, loss_func=loss, train=train,
-                         amp=None if mp is None else AMPMode(mp.amp_mode.value), copy=copy)
+                         amp=None if mp is None else mp.mode if isinstance(mp, MixedPrecision) else AMPMode(mp.amp_mode.value),
+                         copy=copy)  # ours: the mode in force ('auto': as decided); fastai's: the one it was given
 
 # %% ../nbs/09_fastai.ipynb #44a03159
 CB_STATE_KEY = 'channelslast_cb'  # the optimizer entry's key under which `save` stores the callbacks' state

@@ -7,7 +7,9 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/fp16.html.md"""
 # %% ../nbs/02_fp16.ipynb #e8920b3d
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import platform
 import statistics
 import time
@@ -17,6 +19,7 @@ from enum import Enum
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from fastcore.meta import delegates
 from fastcore.basics import patch
 from torch import nn
@@ -25,15 +28,17 @@ from .core import Callback, CancelStepException
 from .learner import Learner, model_device
 
 # %% auto #0
-__all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'AMPMode', 'cpu_native', 'autocast_supported', 'AMPSpeedWarning', 'AMPSpeed',
-           'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed', 'check_amp_support',
-           'SkippedStepsWarning', 'MixedPrecision']
+__all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'PRECISIONS', 'SAY_CHOICES', 'AMPMode', 'cpu_native', 'autocast_supported',
+           'AMPSpeedWarning', 'AMPSpeed', 'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed',
+           'check_amp_support', 'say_choice', 'AMPChoice', 'collective_device', 'rank0_value', 'decide_amp',
+           'to_float32', 'SkippedStepsWarning', 'host_log', 'distributed_group', 'MixedPrecision']
 
 # %% ../nbs/02_fp16.ipynb #33f47e74
 class AMPMode(str, Enum):
-    "Mixed precision modes: `FP16` (float16 with a `GradScaler`) and `BF16` (bfloat16, no scaler)"
+    "Mixed precision modes: `FP16` (float16 with a `GradScaler`), `BF16` (bfloat16, no scaler), `AUTO` (decided here)"
     FP16 = 'fp16'
     BF16 = 'bf16'
+    AUTO = 'auto'  # what `decide_amp` measures fastest on the model's device: fp16, bf16, or no mixed precision
 
     @classmethod
     def _missing_(cls, value):
@@ -45,10 +50,22 @@ class AMPMode(str, Enum):
     @property
     def dtype(self) -> torch.dtype:
         "The dtype `torch.autocast` computes in for this mode"
+        if self is AMPMode.AUTO:
+            raise ValueError("amp_mode 'auto' has no dtype of its own: it becomes fp16, bf16 or float32 on the model's "
+                             "device (decide_amp tells which)")
         return torch.float16 if self is AMPMode.FP16 else torch.bfloat16
 
     def __str__(self): return self.value
     def __format__(self, spec): return format(self.value, spec)
+
+
+def _fixed_mode(amp_mode: str | AMPMode) -> AMPMode:
+    "`amp_mode` as an `AMPMode`, refusing 'auto' where a 16-bit mode is needed (a probe, a support check)"
+    mode = AMPMode(amp_mode)
+    if mode is AMPMode.AUTO:
+        raise ValueError("this needs a 16-bit mode, 'fp16' or 'bf16', not 'auto' (which decide_amp turns into one of "
+                         "them, or float32, on a device)")
+    return mode
 
 # %% ../nbs/02_fp16.ipynb #6928eec0
 _warned: set = set()  # keys of the warnings already given in this process (see `_warn_once`)
@@ -79,7 +96,7 @@ def autocast_supported(amp_mode: str | AMPMode,  # 'fp16' or 'bf16'
                        device_type: str          # 'cpu', 'cuda', ...
                       ) -> tuple[bool, str]:
     "Whether `torch.autocast(device_type)` really computes in `amp_mode`'s dtype, and what torch said if not"
-    mode = AMPMode(amp_mode)
+    mode = _fixed_mode(amp_mode)
     if not torch.amp.is_autocast_available(device_type): return False, f'no autocast on device type {device_type!r}'
     # torch switches autocast off, with a mere warning, for a dtype the device does not support: catch that here
     with warnings.catch_warnings(record=True) as caught:
@@ -135,7 +152,7 @@ def measure_amp_speed(amp_mode: str | AMPMode,  # 'fp16' or 'bf16'
                       max_seconds: float = 2.    # stop after the round that passes this wall-clock budget
                      ) -> AMPSpeed:
     "Time a small convolution's training step (forward and backward) under CPU autocast in `amp_mode` against fp32"
-    mode = AMPMode(amp_mode)
+    mode = _fixed_mode(amp_mode)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     ok, said = autocast_supported(mode, 'cpu')
@@ -180,7 +197,7 @@ def amp_speed(amp_mode: str | AMPMode,        # 'fp16' or 'bf16'
               device: str | torch.device      # where the model is
              ) -> AMPSpeed | None:
     "How fast `amp_mode` trains on `device`'s type next to fp32, measured once per process (None: not probed there)"
-    mode, dt = AMPMode(amp_mode), torch.device(device).type
+    mode, dt = _fixed_mode(amp_mode), torch.device(device).type
     if dt != 'cpu': return None  # CUDA: fp16 runs on every GPU's fast path, and bf16 is checked by capability
     if (dt, mode) not in AMP_SPEEDS:
         if not autocast_supported(mode, dt)[0]: return None  # cannot take effect at all: `check_amp_support` raises
@@ -231,7 +248,7 @@ def check_amp_support(amp_mode: str | AMPMode,      # 'fp16' or 'bf16'
                       device: str | torch.device    # where the model is
                      ) -> AMPMode:
     "Raise if `amp_mode` autocast cannot take effect on `device`; warn once if it trains much slower than fp32 there"
-    mode, device = AMPMode(amp_mode), torch.device(device)
+    mode, device = _fixed_mode(amp_mode), torch.device(device)
     dt = device.type
     if not torch.amp.is_autocast_available(dt):
         raise RuntimeError(f"{mode} mixed precision needs torch.autocast, which is not available on device type {dt!r} "
@@ -249,6 +266,79 @@ def check_amp_support(amp_mode: str | AMPMode,      # 'fp16' or 'bf16'
                            f"or learn.to_fp32().")
     check_amp_speed(mode, device)  # the CPU: measured once per process; warns if much slower than fp32
     return mode
+
+# %% ../nbs/02_fp16.ipynb #b7a1d002
+PRECISIONS = ('fp32', 'bf16', 'fp16')  # what can be in force: float32 (no autocast) or one of the two 16-bit modes
+SAY_CHOICES = True  # print the one line that says what `amp_mode='auto'` (and `auto=True`) chose; False: silent
+
+
+def say_choice(msg: str,              # one line: what was chosen, and why
+               log=None):             # how the host prints (`learn.log`); None: `print`
+    "Print `msg`, a decision `'auto'` took, unless `SAY_CHOICES` is False"
+    if SAY_CHOICES: (log or print)(msg)
+
+
+@dataclass(frozen=True)
+class AMPChoice:
+    "What `amp_mode='auto'` trains in on `device_type`, and why"
+    device_type: str      # where the model is: 'cpu', 'cuda', ...
+    precision: str        # 'fp32' (no autocast), 'bf16' or 'fp16'
+    reason: str           # why, in one sentence
+    speeds: tuple = ()    # the `AMPSpeed`s measured on a CPU
+
+    @property
+    def mode(self) -> AMPMode | None:
+        "The 16-bit `AMPMode` chosen, or None for float32"
+        return None if self.precision == 'fp32' else AMPMode(self.precision)
+
+    def __str__(self):
+        return f"amp_mode='auto' trains in {self.precision} on {self.device_type}: {self.reason}"
+
+
+def collective_device(group=None) -> torch.device:
+    "Where a collective on `group` takes its tensors: the current CUDA device for nccl, else the CPU"
+    if dist.get_backend(group) == 'nccl': return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def rank0_value(index: int,    # this rank's value: a small integer (an index into a fixed list)
+                group) -> int:  # the process group the ranks train on (`dist.group.WORLD` for the default)
+    "Rank 0's `index` on every rank of `group` (one broadcast: every rank must call this at the same point)"
+    t = torch.tensor([index], dtype=torch.int64, device=collective_device(group))
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    return int(t.item())
+
+
+def _cpu_choice() -> AMPChoice:
+    speeds = tuple(s for m in (AMPMode.BF16, AMPMode.FP16) if (s := amp_speed(m, 'cpu')) is not None)
+    said = ', '.join(f"{s.mode} {'at least ' if s.capped else ''}{s.ratio:.2f}x" for s in speeds)
+    fast = [s for s in speeds if s.ratio < 1]  # faster than fp32: a 16-bit mode that is not is never used
+    if not fast:
+        why = (f"no 16-bit mode trains faster than fp32 on this CPU (measured {said} fp32's step time)" if speeds
+               else "torch's CPU autocast computes in neither float16 nor bfloat16 here")
+        return AMPChoice('cpu', 'fp32', why, speeds)
+    best = min(fast, key=lambda s: s.ratio)
+    return AMPChoice('cpu', best.mode.value, f"it trains fastest on this CPU (measured {said} fp32's step time)", speeds)
+
+
+def decide_amp(device: str | torch.device,  # where the model is
+               group=None                   # DDP: the process group, whose ranks all take rank 0's choice; None: alone
+              ) -> AMPChoice:
+    "The precision `amp_mode='auto'` trains in on `device`: fp16 on CUDA, the measured fastest on a CPU, never a slower one"
+    dt = torch.device(device).type
+    if dt == 'cpu': choice = _cpu_choice()
+    elif dt == 'cuda': choice = AMPChoice('cuda', 'fp16', "fp16 with a GradScaler runs on every CUDA GPU's fast path "
+                                                           "(as fastai's default); bf16 only when asked")
+    else:
+        p = next((m.value for m in (AMPMode.FP16, AMPMode.BF16) if autocast_supported(m, dt)[0]), 'fp32')
+        choice = AMPChoice(dt, p, f"the first mode {dt}'s autocast computes in" if p != 'fp32' else
+                           f"{dt}'s autocast computes in neither float16 nor bfloat16")
+    if group is not None and dist.get_world_size(group) > 1:
+        p = PRECISIONS[rank0_value(PRECISIONS.index(choice.precision), group)]
+        if p != choice.precision:
+            choice = AMPChoice(dt, p, f"rank 0's choice, so that every rank trains alike (this rank measured "
+                                      f"{choice.precision}: {choice.reason})", choice.speeds)
+    return choice
 
 # %% ../nbs/02_fp16.ipynb #729aade8
 class _Default:
@@ -280,15 +370,15 @@ def _check_scaler_kwargs(kw: dict) -> dict:
     return kw
 
 
-def _to_float32(o):
+def to_float32(o):
     "`o` with every float16/bfloat16 tensor (in nested tuples, lists, dicts) cast to float32"
     if isinstance(o, torch.Tensor): return o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
     if isinstance(o, dict):
         new = copy.copy(o)  # keeps the mapping's type (OrderedDict, model-output classes)
-        for k, v in o.items(): new[k] = _to_float32(v)
+        for k, v in o.items(): new[k] = to_float32(v)
         return new
-    if isinstance(o, tuple) and hasattr(o, '_fields'): return type(o)(*(_to_float32(v) for v in o))  # namedtuple
-    if isinstance(o, (tuple, list)): return type(o)(_to_float32(v) for v in o)
+    if isinstance(o, tuple) and hasattr(o, '_fields'): return type(o)(*(to_float32(v) for v in o))  # namedtuple
+    if isinstance(o, (tuple, list)): return type(o)(to_float32(v) for v in o)
     return o
 
 
@@ -306,14 +396,31 @@ class SkippedStepsWarning(RuntimeWarning):
     "fp16: every optimizer step of an epoch was skipped (gradients inf or nan), so the model did not train"
 
 
+def host_log(learn):
+    "How a callback prints one line on `learn`'s host: our `Learner.log` (keeps a progress bar intact), else `print`"
+    return learn.log if callable(getattr(type(learn), 'log', None)) else print  # fastai's `logger` takes epoch rows
+
+
+def distributed_group(learn):
+    "The process group `learn` trains on with DDP (`dist.group.WORLD` for the default one), or None when it trains alone"
+    trainer = getattr(learn, 'distributed_trainer', None)
+    if trainer is None or not (dist.is_available() and dist.is_initialized()): return None
+    group = getattr(trainer, 'group', None) or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+_said: set = set()  # (device type, precision) of the 'auto' choices already said in this process
+_BATCH_EVENTS = ('after_pred', 'before_backward', 'before_step', 'after_step')  # idle in float32 (see `handler`)
+
+
 class MixedPrecision(Callback):
-    "Mixed precision training with `torch.autocast` on the model's device: float16 with a `GradScaler`, or bfloat16"
+    "Mixed precision training with `torch.autocast` on the model's device: fp16 with a `GradScaler`, bf16, or 'auto'"
     order = 10  # after ChannelsLast (-1) sets the model's layout; before Recorder (50) and GatherPreds (80) read `pred`
     _keeps_loss_grad = True  # scaling replaces `loss_grad`, never changes it in place (see `Learner._rebuild`)
     _learn = None
 
     def __init__(self,
-                 amp_mode: str | AMPMode = 'fp16',            # 'fp16' (float16 + GradScaler) or 'bf16' (bfloat16, no scaler)
+                 amp_mode: str | AMPMode = 'auto',           # 'auto' (fastest here, see `decide_amp`), 'fp16' (+ GradScaler) or 'bf16'
                  init_scale: float = _DefaultFloat(2.**16),  # fp16 only: the first loss scale
                  growth_factor: float = _DefaultFloat(2.),   # fp16 only: the scale grows by this after `growth_interval` clean steps
                  backoff_factor: float = _DefaultFloat(.5),  # fp16 only: and shrinks by this after a step that overflowed
@@ -330,10 +437,16 @@ class MixedPrecision(Callback):
                                  f"overflow), so the GradScaler keyword(s) {', '.join(passed)} cannot take effect. Drop "
                                  f"them, or use amp_mode='fp16'.")
             self.scaler_kwargs = {}
-        else: self.scaler_kwargs = _check_scaler_kwargs(given)
+        else: self.scaler_kwargs = _check_scaler_kwargs(given)  # fp16, and 'auto', which is fp16 on CUDA
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and 0 < max_grad_norm < float('inf')):
             raise ValueError(f"max_grad_norm must be a number > 0, or None for no clipping, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
+        # What trains: 'fp32', 'bf16' or 'fp16'. A fixed mode is itself; 'auto' is decided on the model's device when
+        # the callback is attached and at each fit (None until then), or by `use` (ChannelsLast(auto=True)'s steps)
+        self.precision = None if self.amp_mode is AMPMode.AUTO else self.amp_mode.value
+        self.choice = None        # 'auto': the `AMPChoice` behind `precision`
+        self._agreed = False      # 'auto': whether `choice` is the one every DDP rank took
+        self._kept = None         # 'auto': (device type, precision) decided on real training steps (`use(keep=True)`)
         self.scaler, self.skipped_steps = None, 0
         self._epoch_steps = self._epoch_skipped = 0  # this epoch's unscaled steps, and how many of them were skipped
         self._scaler_device, self._pending_state, self._unscaled = None, None, False
@@ -342,7 +455,8 @@ class MixedPrecision(Callback):
     def __repr__(self):
         kw = ''.join(f', {k}={v!r}' for k, v in self.scaler_kwargs.items())
         clip = '' if self.max_grad_norm is None else f', max_grad_norm={self.max_grad_norm!r}'
-        return f"MixedPrecision(amp_mode={self.amp_mode.value!r}{kw}{clip})"
+        now = f', precision={self.precision!r}' if self.amp_mode is AMPMode.AUTO and self.precision else ''
+        return f"MixedPrecision(amp_mode={self.amp_mode.value!r}{kw}{clip}{now})"
 
     # The `Recorder` shows `skipped_steps` as a column for as long as an fp16 `MixedPrecision` is attached:
     # `learn` is a property so that attaching and detaching (`add_cb`/`remove_cb`) add and remove it.
@@ -353,7 +467,10 @@ class MixedPrecision(Callback):
     def learn(self, learn):
         if self._learn is not None and self._learn is not learn: self._drop_col(self._learn)
         self._learn = learn
-        if learn is not None: self._add_col(learn)
+        if learn is None: return
+        # 'auto' decides at once, so that `learn.mixed_precision.precision` tells what will train right after the call
+        if self.amp_mode is AMPMode.AUTO and isinstance(getattr(learn, 'model', None), nn.Module): self.decide()
+        self._add_col(learn)
 
     def _cols(self, learn):
         cols = getattr(getattr(learn, 'recorder', None), 'extra_cols', None)
@@ -361,13 +478,69 @@ class MixedPrecision(Callback):
 
     def _add_col(self, learn):
         cols = self._cols(learn)
-        if cols is not None and self.amp_mode is AMPMode.FP16: cols['skipped_steps'] = self._skipped_col
+        if cols is not None and self.precision == 'fp16': cols['skipped_steps'] = self._skipped_col
 
     def _drop_col(self, learn):
         cols = self._cols(learn)
         if cols is not None and cols.get('skipped_steps') == self._skipped_col: del cols['skipped_steps']
 
     def _skipped_col(self) -> int: return self.skipped_steps
+
+    def handler(self, event_name: str):
+        "No per-batch handler while training in float32 (an 'auto' choice): the loop then runs as if it were not here"
+        if self.precision == 'fp32' and event_name in _BATCH_EVENTS and (event_name != 'before_step' or self.max_grad_norm is None):
+            return None
+        return super().handler(event_name)
+
+    def decide(self,
+               device: str | torch.device | None = None,  # where the model trains; None: where its parameters are
+               group=None                                 # DDP: every rank of this process group takes rank 0's choice
+              ) -> str:
+        "The precision that trains on `device`: `amp_mode` itself, or for 'auto' what `decide_amp` chose (said once)"
+        if self.amp_mode is not AMPMode.AUTO: return self.precision
+        learn = self.learn
+        device = torch.device(device) if device is not None else model_device(learn.model, getattr(learn, 'device', None))
+        if self._kept is not None and self._kept[0] == device.type: self.precision = self._kept[1]
+        elif self.choice is None or self.choice.device_type != device.type or (group is not None and not self._agreed):
+            self.choice, self._agreed = decide_amp(device, group), group is not None
+            self.precision = p = self.choice.precision
+            first = dist.get_rank(group) == 0 if group is not None else os.environ.get('RANK', '0') == '0'  # torchrun's
+            if (device.type, p) not in _said and first:  # one line per process, and under DDP from rank 0 only
+                _said.add((device.type, p))
+                force = ("" if p != 'fp32' else " Pass amp_mode='bf16' or 'fp16' to force one.")
+                say_choice(f"MixedPrecision: {self.choice}.{force} (Silence: channelslast_cb.fp16.SAY_CHOICES = False)",
+                           host_log(learn))
+        else: self.precision = self.choice.precision
+        return self.precision
+
+    def use(self,
+            precision: str,      # 'fp32', 'bf16' or 'fp16'
+            keep: bool = False   # also for later fits (a decision taken on real training steps), not only this one
+           ):
+        "Train an 'auto' callback in `precision` from the next batch on: how `ChannelsLast(auto=True)` steers it"
+        if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if self.amp_mode is not AMPMode.AUTO and precision != self.amp_mode.value:
+            raise ValueError(f"This MixedPrecision trains in {self.amp_mode}, as asked; only amp_mode='auto' can be "
+                             f"switched to {precision}")
+        device = model_device(self.learn.model)
+        if keep: self._kept = (device.type, precision)
+        was = self._idle()
+        self.precision = precision
+        self._enter(device)
+        self._handlers_changed(was)
+
+    @property
+    def mode(self) -> AMPMode | None:
+        "The 16-bit mode in force on the model's device, None for float32 ('auto' decides now if it has not yet)"
+        return None if self.decide() == 'fp32' else AMPMode(self.precision)
+
+    def _idle(self) -> tuple: return tuple(self.handler(e) is None for e in _BATCH_EVENTS)
+
+    def _handlers_changed(self, was: tuple):
+        # Our Learner keeps per-event handler tables (built at each fit's start): rebuild them when the per-batch
+        # handlers come or go. A fastai Learner asks `handler` at every event anyway.
+        rebuild = getattr(self.learn, '_rebuild', None)
+        if self._idle() != was and callable(rebuild): rebuild()
 
     def _ensure_scaler(self, device_type: str):
         "Create the scaler on first use; move its state over if the model changed device type since"
@@ -382,24 +555,34 @@ class MixedPrecision(Callback):
         keep = {k: self.scaler_kwargs[k] for k in ('growth_factor', 'backoff_factor', 'growth_interval')}
         self.scaler.load_state_dict({**state, **keep})
 
-    def before_fit(self):
+    def _enter(self, device: torch.device):
+        "Put `precision` in force for the rest of the fit: autocast on `device`'s type (or none), the fp16 scaler"
         learn = self.learn
-        device = model_device(learn.model)  # a fastai Learner has no `device`
-        check_amp_support(self.amp_mode, device)
-        if self.amp_mode is AMPMode.FP16:
+        if self.precision == 'fp32':
+            learn.forward_context = contextlib.nullcontext  # float32: the forward pass runs without autocast
+            return
+        mode = check_amp_support(self.precision, device)  # raises if it cannot take effect; warns once if slow
+        if mode is AMPMode.FP16:
             if self._unscaled: self._close_step()  # the last fit died between before_step and after_step
             self._ensure_scaler(device.type)
             self._add_col(learn)  # a Recorder may have been added after this callback
         # The Learner wraps only the model's forward pass in `with learn.forward_context():` and resets it to
         # `nullcontext` when the fit, validate or get_preds ends, however it ends: autocast cannot leak.
-        learn.forward_context = partial(torch.autocast, device.type, dtype=self.amp_mode.dtype)
+        learn.forward_context = partial(torch.autocast, device.type, dtype=mode.dtype)
+
+    def before_fit(self):
+        device = model_device(self.learn.model)  # a fastai Learner has no `device`
+        was = self._idle()
+        self.decide(device, distributed_group(self.learn))
+        self._enter(device)
+        self._handlers_changed(was)
 
     def before_train(self): self._epoch_steps = self._epoch_skipped = 0
 
-    def after_pred(self): self.learn.pred = _to_float32(self.learn.pred)
+    def after_pred(self): self.learn.pred = to_float32(self.learn.pred)
 
     @property
-    def _scaling(self) -> bool: return self.scaler is not None and self.scaler.is_enabled()
+    def _scaling(self) -> bool: return self.precision == 'fp16' and self.scaler is not None and self.scaler.is_enabled()
 
     @property
     def skips_nonfinite_steps(self) -> bool:
@@ -445,15 +628,16 @@ class MixedPrecision(Callback):
                           f"activations overflow float16's range (65504): try learn.to_bf16().", SkippedStepsWarning)
 
     def state_dict(self) -> dict:
-        "Scaler state and skipped-step count, for `Learner.save`"
+        "Scaler state and skipped-step count (and the precision in force), for `Learner.save`"
         scaler = self.scaler.state_dict() if self.scaler is not None else self._pending_state
-        return {'amp_mode': self.amp_mode.value, 'skipped_steps': self.skipped_steps, 'scaler': scaler or None}
+        return {'amp_mode': self.amp_mode.value, 'precision': self.precision, 'skipped_steps': self.skipped_steps,
+                'scaler': scaler or None}
 
     def load_state_dict(self, state: dict):
         "Restore what `state_dict` returned (from `Learner.load`)"
         self.skipped_steps = int(state.get('skipped_steps', 0))
         scaler = state.get('scaler')
-        if self.amp_mode is not AMPMode.FP16 or not scaler: return  # bf16 has no scaler; an fp16 one starts fresh
+        if self.amp_mode is AMPMode.BF16 or not scaler: return  # bf16 has no scaler; an fp16 one starts fresh
         if self.scaler is None: self._pending_state = scaler  # applied when the scaler is created, on the right device
         else: self._load_scaler_state(scaler)
 

@@ -51,7 +51,9 @@ def main(out: Path):
     with learn.distrib_ctx(timeout=TIMEOUT):  # one process group for both checks (a new one per check is slow to form)
         # 1. the automatic layout choice under DDP
         learn.fit(1)
-        res = dict(auto=dict(layout=cb.layout, decision=cb.decision['layout'], ratio=cb.decision['ratio'],
+        other = next(r for r in cb.decision.table if not r['kept'])
+        res = dict(auto=dict(layout=cb.layout, decision=cb.decision.layout, vs_kept=other['vs_kept'],
+                             dropped=[r['dropped_after'] for r in cb.decision.table],
                              model_cl=cl(learn.model), alone=min(COST[rank], key=COST[rank].get)))  # alone: this rank's own choice
         # 2. rank 1 freezes: in the group, but never in a collective again, until rank 0 has its answer (or 120 s)
         t0 = time.monotonic()

@@ -143,7 +143,7 @@ def test_probe_leaves_the_caller_as_it_was():
 def test_to_fp16_to_bf16_and_to_channelslast_warn_at_the_call(fresh):
     seed((150., True), (4., False))
     for call, mode in ((lambda l: l.to_fp16(), FP16), (lambda l: l.to_bf16(), BF16),
-                       (lambda l: l.to_channelslast(), FP16), (lambda l: l.to_channelslast(amp_mode='bf16'), BF16)):
+                       (lambda l: l.to_channelslast(amp_mode='fp16'), FP16), (lambda l: l.to_channelslast(amp_mode='bf16'), BF16)):
         fp16._warned.clear()
         learn = make_learner()
         with pytest.warns(AMPSpeedWarning, match=f'{mode} mixed precision trains much slower than fp32') as w:
@@ -167,7 +167,7 @@ def test_channels_last_auto_warns_before_its_window(fresh):
         warnings.simplefilter('always')
         learn.fit(1)
     msgs = slow_warnings(w)
-    auto = [m for m in msgs if 'ChannelsLast(auto=True) times its 4 measuring steps in this mode' in m]
+    auto = [m for m in msgs if 'ChannelsLast(auto=True) times its measuring steps (2 per round) in this mode' in m]
     assert len(auto) == 1 and 'took 150.0x' in auto[0] and 'Use learn.to_bf16() instead' in auto[0], msgs
     assert len(msgs) == 2  # and MixedPrecision's own, once
     assert learn.channels_last.decision is not None

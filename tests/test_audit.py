@@ -226,7 +226,7 @@ def test_bad_input_errors():
         def forward(self, x): return x.view(x.shape[0], -1)
     with pytest.raises(RuntimeError, match=r"inside module '1' \(ViewHead\).*use `\.reshape`"):
         layout_report(nn.Sequential(conv(3, 4), ViewHead()), torch.randn(2, 3, 6, 6))
-    with pytest.raises(ValueError, match="amp_mode 'fp8' is not one of 'fp16', 'bf16'"):
+    with pytest.raises(ValueError, match="amp_mode 'fp8' is not one of 'fp16', 'bf16', 'auto'"):
         layout_report(tiny_cnn(), torch.randn(2, 3, 6, 6), amp='fp8')
     frozen = tiny_cnn().requires_grad_(False)
     with pytest.raises(ValueError, match="needs a model output that requires grad"):

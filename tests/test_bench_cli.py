@@ -103,7 +103,11 @@ def test_cli_table_and_progress(e2e):
     n = len(MODELS) * len(LAYOUTS) * len(ran_precisions(e2e))
     body = lines[2:2 + n]
     assert all(l.startswith(tuple(MODELS)) for l in body) and sum('1.00x' in l for l in body) >= len(MODELS)
-    assert lines[2 + n].startswith('matmul peak: fp32 ')
+    keeps = [l for l in body if l.endswith('<-')]  # one row per model: what to_channelslast(auto=True) would keep
+    assert len(keeps) == len(MODELS) and {k.split()[0] for k in keeps} == set(MODELS), keeps
+    assert [l.split(':')[0] for l in lines[2 + n:2 + 2 * n] if l.startswith('auto=')] == \
+        [f'auto=True keeps for {m}' for m in MODELS]
+    assert lines[2 + n + len(MODELS)].startswith('matmul peak: fp32 ')
     assert '[2/2] test_efficientnet train round 2/2' in p.stderr and f'wrote {files["plot"]}' in p.stderr
 
 
@@ -171,7 +175,7 @@ def test_quiet_prints_the_table_only(capsys):
     assert main(['test_resnet', *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0', '--precision', 'fp32', '-q']) == 0
     out = capsys.readouterr()
     assert out.err == ''
-    assert len(out.out.splitlines()) == 2 + 2 + 1 and 'test_resnet' in out.out
+    assert len(out.out.splitlines()) == 2 + 2 + 1 + 1 and 'test_resnet' in out.out
 
 
 def test_api_inference_rows_per_mode():

@@ -18,7 +18,7 @@ from helpers import synth_images, tiny_cnn, tiny_cnn_no_conv_bias
 from channelslast_cb.channelslast import (
     CHANNELS_LAST, ChannelsLast, ChannelsLastWarning, match_opt_state_layout, to_channels_last, to_contiguous_format)
 from channelslast_cb.core import Callback
-from channelslast_cb.fp16 import AMPMode, MixedPrecision
+from channelslast_cb.fp16 import AMPMode, MixedPrecision, decide_amp
 from channelslast_cb.learner import DataLoaders, Learner
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -58,6 +58,7 @@ OPS = {  # name -> the call; 'cbs' is `Learner(..., cbs=ChannelsLast())` and can
     'cl': lambda l: l.to_channelslast(),
     'cl_noamp': lambda l: l.to_channelslast(use_amp=False),
     'cl_bf16': lambda l: l.to_channelslast(amp_mode='bf16'),
+    'cl_fp16': lambda l: l.to_channelslast(amp_mode='fp16'),
     'cl_kw': lambda l: l.to_channelslast(init_scale=1024., growth_interval=10),
     'cont': lambda l: l.to_contiguous(),
     'cont32': lambda l: l.to_contiguous(to_fp32=True),
@@ -94,33 +95,36 @@ def row(seq, n_cl, mode, scaler, lay):
 TABLE = [
     # the three user lines
     row(('cbs',), 1, None, None, 'cl'),
-    row(('cl',), 1, 'fp16', DEF, 'cl'),
+    row(('cl',), 1, 'auto', DEF, 'cl'),
     row(('cont32',), 0, None, None, 'cf'),
-    row(('cbs', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('cbs', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('cbs', 'cont32'), 0, None, None, 'cf'),
-    row(('cl', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('cl', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('cl', 'cont32'), 0, None, None, 'cf'),
-    row(('cont32', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('cont32', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('cbs', 'cl', 'cont32'), 0, None, None, 'cf'),
-    row(('cbs', 'cont32', 'cl'), 1, 'fp16', DEF, 'cl'),
-    row(('cl', 'cont32', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('cbs', 'cont32', 'cl'), 1, 'auto', DEF, 'cl'),
+    row(('cl', 'cont32', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('cl', 'cont32', 'cont32'), 0, None, None, 'cf'),
     # fastai 2.8 ends wrong on these two (no MixedPrecision and None; silently fp16)
-    row(('cl_noamp', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('cl_noamp', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('fp16', 'cl_bf16'), 1, 'bf16', {}, 'cl'),
     # use_amp=False leaves the precision alone
     row(('cl_noamp',), 1, None, None, 'cl'),
     row(('fp16', 'cl_noamp'), 1, 'fp16', DEF, 'cl'),
     row(('bf16', 'cl_noamp'), 1, 'bf16', {}, 'cl'),
-    row(('cl_kw', 'cl_noamp'), 1, 'fp16', KW, 'cl'),
+    row(('cl_kw', 'cl_noamp'), 1, 'auto', KW, 'cl'),
     row(('cl_bf16', 'cl_noamp'), 1, 'bf16', {}, 'cl'),
     # use_amp=True asks for exactly this precision
-    row(('bf16', 'cl'), 1, 'fp16', DEF, 'cl'),
-    row(('cl_kw',), 1, 'fp16', KW, 'cl'),
-    row(('cl_kw', 'cl'), 1, 'fp16', DEF, 'cl'),
-    row(('cl', 'cl_kw'), 1, 'fp16', KW, 'cl'),
-    row(('cl_bf16', 'cl'), 1, 'fp16', DEF, 'cl'),
+    row(('bf16', 'cl'), 1, 'auto', DEF, 'cl'),
+    row(('cl_kw',), 1, 'auto', KW, 'cl'),
+    row(('cl_kw', 'cl'), 1, 'auto', DEF, 'cl'),
+    row(('cl', 'cl_kw'), 1, 'auto', KW, 'cl'),
+    row(('cl_bf16', 'cl'), 1, 'auto', DEF, 'cl'),
     row(('cl', 'cl_bf16'), 1, 'bf16', {}, 'cl'),
+    row(('cl', 'cl_fp16'), 1, 'fp16', DEF, 'cl'),      # a mode asked for by name is honoured
+    row(('cl_fp16', 'cl'), 1, 'auto', DEF, 'cl'),      # and the default is 'auto' again
+    row(('cl_fp16', 'cl_noamp'), 1, 'fp16', DEF, 'cl'),
     # the precision helpers after to_channelslast change the precision only
     row(('cl', 'bf16'), 1, 'bf16', {}, 'cl'),
     row(('cl', 'fp32'), 1, None, None, 'cl'),
@@ -128,10 +132,10 @@ TABLE = [
     row(('cbs', 'fp16'), 1, 'fp16', DEF, 'cl'),
     # to_contiguous() keeps the precision, to_contiguous(to_fp32=True) drops it
     row(('cont',), 0, None, None, 'cf'),
-    row(('cl', 'cont'), 0, 'fp16', DEF, 'cf'),
+    row(('cl', 'cont'), 0, 'auto', DEF, 'cf'),
     row(('cbs', 'bf16', 'cont'), 0, 'bf16', {}, 'cf'),
     row(('cbs', 'bf16', 'cont32'), 0, None, None, 'cf'),
-    row(('cl', 'cont', 'cl_noamp'), 1, 'fp16', DEF, 'cl'),
+    row(('cl', 'cont', 'cl_noamp'), 1, 'auto', DEF, 'cl'),
     row(('fp32', 'cl_bf16', 'fp16', 'cont'), 0, 'fp16', DEF, 'cf'),
     row(('cbs', 'cl_noamp', 'cl_bf16', 'cont32', 'cl_noamp'), 1, None, None, 'cl'),
 ]
@@ -144,29 +148,33 @@ def test_state_table(seq, expected):
     learn.fit(1)  # and it trains in that state, keeping it
     assert state(learn) == expected
     if expected['mode']:  # the mode really took effect: the first convolution computes in the 16-bit type
+        mp = learn.mixed_precision  # ('auto': the one decide_amp measured fastest here, or float32)
+        want = decide_amp('cpu').precision if expected['mode'] == 'auto' else expected['mode']
+        assert mp.precision == want
         seen = []
         h = learn.model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         learn.validate()
         h.remove()
-        assert seen[0] == AMPMode(expected['mode']).dtype
+        assert seen[0] == (torch.float32 if want == 'fp32' else AMPMode(want).dtype)
 
 
 def reference(seq):
     "What each call asks for, as a tiny state machine: (ChannelsLast attached, MixedPrecision (mode, settings), layout)"
     cl, mp = False, None
     for op in seq:
-        if op in ('cbs', 'cl', 'cl_noamp', 'cl_bf16', 'cl_kw'): cl = True
+        if op in ('cbs', 'cl', 'cl_noamp', 'cl_bf16', 'cl_fp16', 'cl_kw'): cl = True
         if op in ('cont', 'cont32'): cl = False
-        if op in ('cl', 'fp16'): mp = ('fp16', DEF)
+        if op == 'cl': mp = ('auto', DEF)  # the default amp_mode: the precision that is fast on this machine
+        if op in ('fp16', 'cl_fp16'): mp = ('fp16', DEF)
         if op in ('cl_bf16', 'bf16'): mp = ('bf16', {})
-        if op == 'cl_kw': mp = ('fp16', KW)
+        if op == 'cl_kw': mp = ('auto', KW)
         if op in ('cont32', 'fp32'): mp = None
     return dict(n_cl=int(cl), n_mp=int(mp is not None), mode=mp and mp[0], scaler=mp and mp[1],
                 layout='cl' if cl else 'cf')
 
 
 def test_every_order_up_to_three_calls():
-    "All 2 x (9 + 81 + 729) sequences: each ends in the state its last calls ask for, with one of each callback at most"
+    "All 2 x (10 + 100 + 1000) sequences: each ends in the state its last calls ask for, with one of each callback at most"
     names = list(OPS)
     n = 0
     for k in (1, 2, 3):
@@ -175,13 +183,13 @@ def test_every_order_up_to_three_calls():
                 s = start + seq
                 assert state(run(s)) == reference(s), s
                 n += 1
-    assert n == 2 * (9 + 81 + 729)
+    assert n == 2 * (10 + 100 + 1000)
 
 
 def test_matching_mixed_precision_is_kept_other_replaced():
     learn = make_learner().to_fp16(init_scale=1024., growth_interval=10)
     mp = learn.mixed_precision
-    learn.to_channelslast(init_scale=1024., growth_interval=10)
+    learn.to_channelslast(amp_mode='fp16', init_scale=1024., growth_interval=10)
     assert learn.mixed_precision is mp  # same settings: kept, with its warmed-up scaler
     learn.to_channelslast(use_amp=False)
     assert learn.mixed_precision is mp
@@ -197,8 +205,8 @@ def test_extra_callbacks_are_collapsed():
 
 
 BAD = [
-    (dict(amp_mode='fp8'), ValueError, "amp_mode 'fp8' is not one of 'fp16', 'bf16'"),
-    (dict(amp_mode=None), ValueError, "is not one of 'fp16', 'bf16'"),
+    (dict(amp_mode='fp8'), ValueError, "amp_mode 'fp8' is not one of 'fp16', 'bf16', 'auto'"),
+    (dict(amp_mode=None), ValueError, "is not one of 'fp16', 'bf16', 'auto'"),
     (dict(amp_mode='bf16', init_scale=1024.), ValueError, 'bf16 uses no scaler'),
     (dict(amp_mode='bf16', enabled=False), ValueError, 'bf16 uses no scaler'),
     (dict(init_scael=1024.), TypeError, 'Did you mean init_scale'),

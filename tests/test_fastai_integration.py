@@ -27,7 +27,7 @@ from helpers import synth_images, tiny_cnn, tiny_cnn_no_conv_bias
 
 from channelslast_cb.channelslast import ChannelsLast
 from channelslast_cb.core import CancelBatchException as OurCancelBatch, Callback as OurCallback
-from channelslast_cb.fp16 import AMPMode, MixedPrecision
+from channelslast_cb.fp16 import AMPMode, MixedPrecision, decide_amp
 from channelslast_cb.learner import DataLoaders, Learner
 
 pytest.importorskip('fastai', reason='fastai is not installed: channelslast_cb.fastai needs fastai 2.8')
@@ -251,24 +251,25 @@ def reference(start, seq):
     for op in seq:
         if op.startswith('cl'): cl = True; fai.discard('ChannelsLast')
         if op.startswith('cont'): cl = False; fai.discard('ChannelsLast')
-        if op in ('cl', 'fp16'): mp = ('fp16', DEF)
+        if op == 'cl': mp = ('auto', DEF)  # the default amp_mode: the precision that is fast on this machine
+        if op in ('fp16', 'cl_fp16'): mp = ('fp16', DEF)
         if op in ('cl_bf16', 'bf16'): mp = ('bf16', {})
-        if op == 'cl_kw': mp = ('fp16', KW)
+        if op == 'cl_kw': mp = ('auto', KW)
         if op in ('cont32', 'fp32'): mp = None
-        if op in ('cl', 'cl_bf16', 'cl_kw', 'fp16', 'bf16', 'cont32', 'fp32'): fai.discard('MixedPrecision')
+        if op in ('cl', 'cl_bf16', 'cl_fp16', 'cl_kw', 'fp16', 'bf16', 'cont32', 'fp32'): fai.discard('MixedPrecision')
     return dict(n_cl=int(cl), n_mp=int(mp is not None), mode=mp and mp[0], scaler=mp and mp[1], fastai=sorted(fai),
                 layout='cl' if cl else 'cf', named=True)
 
 
 def test_every_order_ends_in_the_asked_state():
-    "Every sequence of up to 2 calls from every start, and of 3 calls from a plain learner (4 x 90 + 729)"
+    "Every sequence of up to 2 calls from every start, and of 3 calls from a plain learner (4 x 110 + 1000)"
     n = 0
     for start in STARTS:
         for k in ((1, 2, 3) if start == '' else (1, 2)):
             for seq in itertools.product(OPS, repeat=k):
                 assert state(run(start, seq)) == reference(start, seq), (start, seq)
                 n += 1
-    assert n == 4 * (9 + 81) + 729
+    assert n == 4 * (10 + 100) + 1000
 
 
 @pytest.mark.parametrize('start, seq', [
@@ -277,6 +278,8 @@ def test_every_order_ends_in_the_asked_state():
     ('fai_mp', ('cl_bf16',)),       # fastai's own MixedPrecision replaced by ours
     ('fai_cl', ('fp16', 'cont')),
     ('cbs', ('cl_kw', 'cont32')),
+    ('', ('cl',)),                  # the default: 'auto', the precision that is fast on this machine
+    ('fai_mp', ('cl_fp16',)),
 ], ids=lambda v: '>'.join(v) if isinstance(v, tuple) else v or 'plain')
 def test_trains_in_the_asked_state(start, seq):
     learn = run(start, seq)
@@ -284,7 +287,9 @@ def test_trains_in_the_asked_state(start, seq):
     learn.add_cb(Dtypes())
     quiet_fit(learn, 1, 1e-2)
     assert state(learn) == expected
-    want = AMPMode(expected['mode']).dtype if expected['mode'] else torch.float32
+    mode = expected['mode'] and (decide_amp('cpu').precision if expected['mode'] == 'auto' else expected['mode'])
+    assert mode is None or learn.mixed_precision.precision == mode  # 'auto': what it measured fastest here
+    want = AMPMode(mode).dtype if mode not in (None, 'fp32') else torch.float32
     assert set(learn.dtypes.acts) == {want}                         # the convolution computed in the asked dtype
     assert set(learn.dtypes.preds) == {(torch.float32, False)}      # float32 predictions, autocast off outside the forward
     assert not torch.is_autocast_enabled('cpu')
@@ -523,19 +528,19 @@ class _StepCounter(FaiCallback):
 
 
 def test_channels_last_auto_in_fastais_loop(capsys):
-    cl = ChannelsLast(auto=True, warmup=1, block=1, rounds=2)  # 8 measuring steps: 2 epochs of 4 batches
+    cl = ChannelsLast(auto=True, warmup=1, block=1, rounds=2, drop=100.)  # 8 measuring steps: 2 epochs of 4 batches
     learn = learner(cbs=[cl])
     msgs = lambda: [l for l in capsys.readouterr().out.splitlines() if 'ChannelsLast(auto)' in l]
     quiet_fit(learn, 1, 1e-2)  # printed, as fastai's own callbacks do (fastai's logger takes its progress table's rows)
     got = msgs()
-    assert cl.decision is None and len(got) == 1 and 'the fit ended after 4 of the 8 measuring steps' in got[0], got
+    assert cl.decision is None and len(got) == 1 and 'the fit ended after 4 measuring steps, before the decision' in got[0], got
     learn.get_preds()          # a validation is not a fit: no "the fit ended" message
     assert msgs() == []
     quiet_fit(learn, 1, 1e-2)
     got = msgs()
-    assert cl.decision is not None and cl.decision['steps'] == 8
-    assert len(got) == 1 and 'ChannelsLast(auto): channels-last runs at' in got[0], got  # (after the progress bar)
-    want = cl.decision['layout'] == 'channels_last'
+    assert cl.decision is not None and cl.decision.steps == 8
+    assert len(got) == 1 and f'ChannelsLast(auto): kept {cl.decision.setting} (' in got[0], got  # (after the progress bar)
+    want = cl.decision.layout == 'channels_last'
     assert is_cl(learn.model[0].weight) == want
     assert learn.to_channelslast(auto=True, use_amp=False) is learn and learn.channels_last is cl  # kept, as asked
 

@@ -13,7 +13,7 @@ from torch import nn
 import channelslast_cb.fp16 as fp16
 from channelslast_cb.core import (Callback, CancelBackwardException, CancelBatchException, CancelFitException,
                                   CancelStepException)
-from channelslast_cb.fp16 import AMPMode, MixedPrecision, _to_float32, check_amp_support
+from channelslast_cb.fp16 import AMPMode, MixedPrecision, to_float32, check_amp_support
 from channelslast_cb.learner import DataLoaders, Learner, Recorder, accuracy
 from helpers import synth_images, tiny_cnn
 
@@ -76,7 +76,7 @@ def test_predictions_of_any_shape_leave_as_float32():
     P = namedtuple('P', 'a b')
     h, b, i = torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16), torch.arange(2)
     d = torch.ones(2, dtype=torch.float64)
-    out = _to_float32({'x': (h, [b, i]), 'p': P(h, d), 's': 'keep'})
+    out = to_float32({'x': (h, [b, i]), 'p': P(h, d), 's': 'keep'})
     assert out['x'][0].dtype == torch.float32 and out['x'][1][0].dtype == torch.float32
     assert out['x'][1][1] is i and out['p'].b is d and out['s'] == 'keep'   # ints and float64 untouched
     assert type(out['p']) is P and out['p'].a.dtype == torch.float32
@@ -220,12 +220,13 @@ def test_enabled_false_is_honoured():
                                   lambda: make_learner(cbs=MixedPrecision(amp_mode='fp8'))])
 def test_bad_amp_mode_lists_the_valid_ones(make):
     with pytest.raises(ValueError) as e: make()
-    assert str(e.value) == "amp_mode 'fp8' is not one of 'fp16', 'bf16'"
+    assert str(e.value) == "amp_mode 'fp8' is not one of 'fp16', 'bf16', 'auto'"
 
 
 def test_amp_mode_strings_are_normalised_once():
     assert MixedPrecision('BF16').amp_mode is AMPMode.BF16 and MixedPrecision(AMPMode.FP16).amp_mode is AMPMode.FP16
-    assert isinstance(MixedPrecision().amp_mode, AMPMode) and MixedPrecision().amp_mode == 'fp16'
+    assert isinstance(MixedPrecision().amp_mode, AMPMode) and MixedPrecision().amp_mode == 'auto'  # the default
+    assert MixedPrecision('Auto').amp_mode is AMPMode.AUTO
 
 
 @pytest.mark.parametrize('key,value', [('init_scale', 1024.), ('init_scale', 2.**16), ('growth_factor', 2.),
@@ -349,7 +350,7 @@ def test_save_load_round_trip(tmp_path):
                          path=tmp_path)
     learn.fit(1)                      # 1 clean, 1 skipped (64 -> 32), 2 clean
     saved = learn.mixed_precision.state_dict()
-    assert saved == {'amp_mode': 'fp16', 'skipped_steps': 1,
+    assert saved == {'amp_mode': 'fp16', 'precision': 'fp16', 'skipped_steps': 1,
                      'scaler': {'scale': 32., 'growth_factor': 2., 'backoff_factor': .5, 'growth_interval': 3,
                                 '_growth_tracker': 2}}
     p = learn.save('ckpt')

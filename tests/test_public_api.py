@@ -24,6 +24,10 @@ def test_design_names_are_exported():
         assert 'start_epoch' in inspect.signature(getattr(cl.Learner, meth)).parameters, meth
     assert list(inspect.signature(cl.SaveModelCallback).parameters) == [
         'monitor', 'comp', 'min_delta', 'fname', 'every_epoch', 'at_end', 'with_opt', 'reset_on_fit']  # fastai's
+    # this round: 'auto' is an AMPMode, the default of to_channelslast() and of MixedPrecision()
+    assert cl.AMPMode('auto') is cl.AMPMode.AUTO
+    assert inspect.signature(cl.Learner.to_channelslast).parameters['amp_mode'].default == 'auto'
+    assert inspect.signature(cl.MixedPrecision).parameters['amp_mode'].default == 'auto'
 
 
 def test_all_does_not_import_fastai():
@@ -46,7 +50,8 @@ def test_the_three_user_lines():
     assert learn.to_channelslast() is learn
     assert [type(c).__name__ for c in learn.cbs if isinstance(c, (cl.ChannelsLast, cl.MixedPrecision))] == \
         ['ChannelsLast', 'MixedPrecision']
-    assert learn.mixed_precision.amp_mode is cl.AMPMode.FP16
+    assert learn.mixed_precision.amp_mode is cl.AMPMode.AUTO  # the precision that is fast on this machine
+    assert learn.mixed_precision.precision == cl.decide_amp('cpu').precision
     assert learn.to_contiguous(to_fp32=True) is learn
     assert not any(isinstance(c, (cl.ChannelsLast, cl.MixedPrecision)) for c in learn.cbs)
     assert model[0].weight.is_contiguous()

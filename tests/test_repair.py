@@ -187,5 +187,5 @@ def test_auto_layout_choice_with_repair():
     learn = Learner(DataLoaders.from_tensors((x, y), bs=2, shuffle=False), net, loss_func=F.cross_entropy, cbs=cb,
                     progress=False)
     learn.fit(1)
-    assert cb.decision is not None and cb.decision['layout'] in ('channels_last', 'contiguous')
+    assert cb.decision is not None and cb.decision.layout in ('channels_last', 'contiguous')
     assert len(cb.fixes.repaired) == 4 and torch.isfinite(torch.tensor(learn.recorder.losses)).all()

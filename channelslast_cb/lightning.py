@@ -7,7 +7,12 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/lightning.html.md"""
 # %% ../nbs/10_lightning.ipynb #436c8f75
 from __future__ import annotations
 
+import time
 import warnings
+
+import torch
+import torch.distributed as dist
+from fastcore.basics import patch
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -16,39 +21,47 @@ except ImportError as e:  # Lightning is optional: only this module needs it
     raise ImportError(f"channelslast_cb.lightning is the callback for Lightning's Trainer and needs Lightning 2.x, the "
                       f"`lightning` package, which did not import ({e}). Install it with: pip install lightning") from e
 
+from .autotune import (
+    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings, check_trial_args)
 from .channelslast import (
-    CHANNELS_LAST, CONTIGUOUS, ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
+    ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
+from .fp16 import AMP_SLOW_RATIO, AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, say_choice
 from .guards import check_bool
-from .fp16 import AMP_SLOW_RATIO, AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed
 from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
-__all__ = ['ChannelsLast', 'slow_precision_message', 'trainer_amp_mode']
+__all__ = ['ChannelsLast', 'slow_precision_message', 'trainer_amp_mode', 'ddp_group']
 
 # %% ../nbs/10_lightning.ipynb #007a3f30
 class ChannelsLast(Callback):
     "Train the `Trainer`'s model in channels-last: the module before the strategy wraps it, and every batch it receives"
     # Hook order (Lightning 2.6, `Trainer._run`): `setup` before `strategy.setup` (device, DDP wrap, optimizers);
-    # `strategy.batch_to_device` wrapped from `setup` to `teardown`/`on_exception`; `on_train_start` after the
-    # optimizer state of `ckpt_path` is restored. Other callbacks' hooks may run before or after ours: none of ours
-    # depends on them.
+    # `strategy.batch_to_device` wrapped from `setup` to `teardown`/`on_exception`; `load_state_dict` (a checkpoint's
+    # auto decision) before `strategy.setup` too; `on_train_start` after the optimizer state of `ckpt_path` is
+    # restored; auto's timing from the batch's `batch_to_device` to `on_train_batch_end`. Other callbacks' hooks may
+    # run before or after ours: none of ours depends on them.
 
     def __init__(self,
                  auto: bool = False,    # time the layouts on the first training steps and keep the faster one
-                 repair: bool = False   # rewrite the modules that drop the format (`repair_layout`) before training
-                ):
+                 repair: bool = False,  # rewrite the modules that drop the format (`repair_layout`) before training
+                 warmup: int = 2,       # auto: untimed steps each time a layout starts its block
+                 block: int = 2,        # auto: timed steps per layout per round
+                 rounds: int = 4,       # auto: rounds at most
+                 drop: float = AUTO_DROP_RATIO):  # auto: drop a layout whose steps take this many times the best's
         self.auto, self.repair = check_bool('auto', auto), check_bool('repair', repair)
+        check_trial_args(warmup, block, rounds, drop)  # refused at once, not at the first fit
+        self.warmup, self.block, self.rounds, self.drop = warmup, block, rounds, drop
         self.layout = CHANNELS_LAST  # the layout the module and the batches are in (auto: the one chosen)
         self.fixes = LayoutFixes()   # what `repair_layout` did to the module
         self.amp_speed = None        # the Trainer's mixed precision measured against fp32 at the last fit (CPU only)
         self.active = False          # whether this run converts (False: the model has no convolution)
+        self.trial = None            # auto: the `StepTrial` timing the first training steps
+        self.decision = None         # auto: what it kept (`AutoDecision`; a dict when read from a checkpoint)
+        self._run, self._t0, self._clock = None, None, time.perf_counter  # (trainer, module) while a run is on
 
     def __repr__(self): return f"ChannelsLast(auto={self.auto}, layout={self.layout!r}{', repair=True' * self.repair})"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str):
-        if sum(isinstance(cb, ChannelsLast) for cb in trainer.callbacks) > 1:
-            raise ValueError("The Trainer has more than one ChannelsLast callback: pass one, e.g. "
-                             "Trainer(callbacks=[ChannelsLast()])")
         self.active = has_conv(pl_module)
         if not self.active:
             warnings.warn(f"ChannelsLast: {type(pl_module).__name__} has no 2-D or 3-D convolution (nn.Conv2d, "
@@ -56,19 +69,48 @@ class ChannelsLast(Callback):
                           f"callback converts nothing and this run trains as it would without it. Remove ChannelsLast "
                           f"from the Trainer's callbacks.", ChannelsLastWarning, stacklevel=2)
             return
+        self._run = trainer, pl_module
         if self.repair: self.repair_module(pl_module)
         self.set_layout(trainer, pl_module, self.layout)
         self._wrap_batch_to_device(trainer.strategy)
         if stage == 'fit' and trainer.is_global_zero: self.check_precision(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule):
-        if self.active: self.set_layout(trainer, pl_module, self.layout)  # after the optimizer state was restored
+        if not self.active: return
+        self.set_layout(trainer, pl_module, self.layout)  # after the optimizer state was restored
+        if self.auto and self.decision is None: self._start_trial(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
+        if self._t0 is not None: self._record_step(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule):
+        if self.trial is not None and self.decision is None and not trainer.sanity_checking:
+            self.trial.interrupt()  # validation between two training steps: the next one starts cold, untimed
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule):
+        if self.trial is not None and self.decision is None: self._interrupted(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str):
         self._unwrap_batch_to_device(trainer.strategy)
+        self._run, self._t0 = None, None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException):
         self._unwrap_batch_to_device(trainer.strategy)
+        self._run, self._t0 = None, None
+
+    def state_dict(self) -> dict:
+        "The auto decision, for Lightning's checkpoints (nothing without one)"
+        d = self.decision
+        if d is None: return {}
+        if isinstance(d, dict): return dict(d)
+        return dict(layout=d.layout, precision=d.precision, decision=str(d))
+
+    def load_state_dict(self, state_dict: dict):
+        "Take a checkpoint's auto decision: no measuring again, the module in the layout it kept"
+        if 'layout' not in state_dict: return
+        self.decision, self.trial = dict(state_dict), None
+        if self._run is not None: self.set_layout(*self._run, state_dict['layout'])  # before the strategy wraps it
+        else: self.layout = state_dict['layout']
 
     def set_layout(self, trainer: Trainer, pl_module: LightningModule, layout: str):
         "Put `pl_module` (weights, gradients, buffers) and the `trainer`'s optimizer state in `layout`"
@@ -99,10 +141,19 @@ class ChannelsLast(Callback):
         "Give `strategy` a `batch_to_device` that returns the batch in `self.layout` (an instance attribute: ours)"
         self._unwrap_batch_to_device(strategy)  # a run that ended without teardown left it
         to_device = strategy.batch_to_device
-        def batch_to_device(*args, **kwargs):
-            batch = to_device(*args, **kwargs)
-            return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
-        batch_to_device.channels_last = self
+        if self.trial is not None and self.decision is None:  # auto, measuring: a training step starts here
+            trainer, device = self._run[0], strategy.root_device
+            def batch_to_device(*args, **kwargs):
+                if trainer.training:
+                    _sync(device)
+                    self._t0 = self._clock()
+                batch = to_device(*args, **kwargs)
+                return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
+        else:
+            def batch_to_device(*args, **kwargs):
+                batch = to_device(*args, **kwargs)
+                return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
+        batch_to_device.channels_last, batch_to_device.wrapped = self, to_device
         strategy.batch_to_device = batch_to_device
 
     def _unwrap_batch_to_device(self, strategy):
@@ -129,3 +180,60 @@ def trainer_amp_mode(trainer: Trainer) -> AMPMode | None:
     "The autocast mode of `trainer`'s mixed precision ('bf16-mixed', '16-mixed'); None for any other precision"
     plugin = trainer.precision_plugin
     return _LIGHTNING_AMP.get(plugin.precision) if isinstance(plugin, LightningMixedPrecision) else None
+
+# %% ../nbs/10_lightning.ipynb #c35e97ac
+_TRIAL_PRECISION = {'32-true': 'fp32', 'bf16-mixed': 'bf16', '16-mixed': 'fp16', 'bf16-true': 'bf16', '16-true': 'fp16'}
+
+
+def ddp_group():
+    "The process group of a distributed run (every rank then times and decides alike), or None for one process"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return None
+    return dist.group.WORLD
+
+
+def _sync(device: torch.device):
+    if device.type != 'cpu': torch.accelerator.synchronize(device)  # timings of queued work mean nothing
+
+
+@patch
+def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule):
+    "Start (or go on with) the trial: the module in the layout of its next step, the timing `batch_to_device`"
+    if self.trial is None:
+        precision = _TRIAL_PRECISION.get(trainer.precision)
+        if precision is None:
+            warnings.warn(f"ChannelsLast(auto=True) times the layouts under the Trainer's precision, and the package's "
+                          f"decision knows float32, bf16 and fp16, not Trainer(precision={trainer.precision!r}): it "
+                          f"keeps {self.layout} without measuring.", ChannelsLastWarning, stacklevel=3)
+            return
+        settings, left_out = candidate_settings(trainer.strategy.root_device, precision)
+        self.trial = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop, group=ddp_group(),
+                               left_out=left_out)
+    if self.trial.decision is not None: return self._adopt(trainer, pl_module, self.trial.decision)
+    if (want := self.trial.setting.layout) != self.layout: self.set_layout(trainer, pl_module, want)
+    self._wrap_batch_to_device(trainer.strategy)
+
+
+@patch
+def _record_step(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule):
+    "The training step just ended: give its time to the trial, then put the module in the next step's layout"
+    _sync(trainer.strategy.root_device)
+    seconds, self._t0 = self._clock() - self._t0, None
+    if (d := self.trial.record(seconds)) is not None: return self._adopt(trainer, pl_module, d)
+    if (want := self.trial.setting.layout) != self.layout: self.set_layout(trainer, pl_module, want)
+
+
+@patch
+def _adopt(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule, d):
+    "Train in the layout `d` kept from now on (the plain `batch_to_device` again), and say it once"
+    self.decision = d
+    self.set_layout(trainer, pl_module, d.layout)
+    self._wrap_batch_to_device(trainer.strategy)
+    if trainer.is_global_zero: say_choice(f"ChannelsLast(auto) under Trainer(precision={trainer.precision!r}): {d}")
+
+
+@patch
+def _interrupted(self: ChannelsLast, trainer: Trainer):
+    self.trial.interrupt()
+    if trainer.is_global_zero:
+        print(f"ChannelsLast(auto): the fit ended after {self.trial.steps} measuring steps, before the decision; the "
+              f"model stays {self.layout} for now, and the next fit goes on measuring")

@@ -4,6 +4,8 @@ from Lightning checkpoints, `torch.compile`, DDP on two processes, and Lightning
 
 The DDP checks run one `torchrun` launch of `lightning_ddp_worker.py` (Lightning joins torchrun's process group).
 """
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -31,7 +33,8 @@ from test_distributed import torchrun
 ROOT = Path(__file__).resolve().parents[1]
 FP16, BF16 = AMPMode.FP16, AMPMode.BF16
 pytestmark = [pytest.mark.filterwarnings(r'ignore:.*LeafSpec'),  # Lightning 2.6 on torch 2.9
-              pytest.mark.filterwarnings(r'ignore:.*does not have many workers')]
+              pytest.mark.filterwarnings(r'ignore:.*does not have many workers'),
+              pytest.mark.filterwarnings(r'ignore:You defined a .validation_step. but have no .val_dataloader.')]
 STAGES = ['predict', 'sanity_check', 'test', 'train', 'validate']
 
 
@@ -323,6 +326,87 @@ def test_compiled_run_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
 
 
+# ---------------------------------------------------------------- auto=True: the shared StepTrial on Lightning's steps
+
+class StepClock:
+    "A fake clock for the trial: every training step lasts `costs[layout]` seconds of the layout it ran in"
+    def __init__(self, cb, costs): self.cb, self.costs, self.t = cb, costs, 0.
+    def __call__(self):
+        self.t += self.costs[self.cb.layout]
+        return self.t
+
+
+FASTER = {'channels_last': {'channels_last': 1., 'contiguous': 2.}, 'contiguous': {'channels_last': 2., 'contiguous': 1.}}
+
+
+def auto_fit(want, *callbacks, precision='32-true', ckpt_path=None, max_epochs=2, window=(1, 1, 3), **kw):
+    "Fit with ChannelsLast(auto=True) whose clock makes `want` the faster layout; (callback, model, printed)"
+    cb, model = ChannelsLast(True, False, *window), Classifier()
+    cb._clock = StepClock(cb, FASTER[want])
+    with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings():
+        warnings.simplefilter('ignore', AMPSpeedWarning)
+        trainer(cb, *callbacks, max_epochs=max_epochs, precision=precision, **kw).fit(
+            model, loader(64), loader(16, seed=1), ckpt_path=ckpt_path)
+    return cb, model, out.getvalue()
+
+
+@pytest.mark.parametrize('want', ['channels_last', 'contiguous'])
+def test_auto_keeps_the_faster_layout(want):
+    cb, model, printed = auto_fit(want)
+    d = cb.decision
+    assert (d.layout, d.precision, d.steps, cb.layout) == (want, 'fp32', 4, want)  # the slower dropped after round 1
+    assert [r['setting'].layout for r in d.table] == ['channels_last', 'contiguous']  # both timed, channels-last first
+    assert printed.count('ChannelsLast(auto)') == 1 and f'kept {want}/fp32' in printed, printed
+    train = [ok for stage, ok in model.seen if stage == 'train']
+    assert len(train) == 16 and train[4:] == [want == 'channels_last'] * 12  # every step after the decision
+    w = model.net[0].weight
+    assert cl(w) == (want == 'channels_last')
+    assert all(v.stride() == w.stride() for v in model.trainer.optimizers[0].state[w].values() if v.dim() == 4)
+    assert cb._t0 is None and cb.trial.decision is d
+
+
+def test_auto_times_layouts_under_the_trainers_precision_only():
+    "precision='bf16-mixed': both layouts timed in bf16, nothing else; the Trainer's precision as set"
+    cb, model, printed = auto_fit('contiguous', precision='bf16-mixed')
+    assert {r['setting'].precision for r in cb.decision.table} == {'bf16'} and cb.decision.layout == 'contiguous'
+    assert model.trainer.precision == 'bf16-mixed'
+    assert "ChannelsLast(auto) under Trainer(precision='bf16-mixed'): kept contiguous/bf16" in printed
+
+
+def test_auto_precision_the_decision_cannot_name_keeps_channels_last():
+    with pytest.warns(ChannelsLastWarning, match=r"not Trainer\(precision='64-true'\): it keeps channels_last"):
+        cb, model, printed = auto_fit('contiguous', precision='64-true')
+    assert cb.trial is None and cb.decision is None and cl(model.net[0].weight) and printed == ''
+
+
+def test_auto_decision_is_saved_and_resumed_without_measuring(tmp_path):
+    ckpt = lambda: ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    cb, _, _ = auto_fit('contiguous', ckpt(), enable_checkpointing=True)
+    saved = torch.load(tmp_path / 'last.ckpt', weights_only=True)['callbacks']['ChannelsLast']
+    assert saved == dict(layout='contiguous', precision='fp32', decision=str(cb.decision))
+    probe = AtTrainStart()
+    # resumed by a callback whose clock would now favour channels-last: the checkpoint's decision stands
+    again, model, printed = auto_fit('channels_last', ckpt(), probe, enable_checkpointing=True, max_epochs=3,
+                                     ckpt_path=tmp_path / 'last.ckpt')
+    assert again.trial is None and again.decision == saved and again.layout == 'contiguous' and printed == ''
+    assert probe.seen == dict(step=16, params=[False, False], state=[False] * 4)  # contiguous from the first step on
+    assert {ok for _, ok in model.seen} == {False}  # every batch of the resumed fit, training and validation
+
+
+def test_auto_fit_that_ends_early_goes_on_measuring_in_the_next():
+    cb, model = ChannelsLast(auto=True, warmup=1, block=1, rounds=3), Classifier()
+    cb._clock = StepClock(cb, FASTER['contiguous'])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        trainer(cb, max_steps=3).fit(model, loader(64))
+    assert cb.decision is None and cb.trial.steps == 3
+    assert 'the fit ended after 3 measuring steps, before the decision' in out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        trainer(cb, max_epochs=1).fit(model, loader(64))
+    assert cb.decision.layout == 'contiguous' and cb.decision.steps == 3 + 1 + 1  # + one cold step, then 1 more
+    assert 'kept contiguous/fp32' in out.getvalue()
+
+
+
 # ---------------------------------------------------------------- DDP, two processes
 
 @pytest.fixture(scope='module')
@@ -354,6 +438,15 @@ def test_ddp_converting_after_the_wrap_is_caught(ranks):
     for r in ranks:
         late = r['late']
         assert late['param_cl'] is True and False in late['grad_cl'] and late['grad_warn']
+
+
+def test_ddp_auto_one_decision_for_all_ranks(ranks):
+    "Rank 0's clock alone would keep channels-last; the ranks' average keeps contiguous, on both, said once"
+    a, b = (r['auto'] for r in ranks)
+    assert a['layout'] == b['layout'] == 'contiguous' and a['steps'] == b['steps']
+    assert a['table'] == b['table'] == [['channels_last/fp32', 2 / 1.5, None], ['contiguous/fp32', 1.0, None]]  # averaged
+    assert len(a['said']) == 1 and 'kept contiguous/fp32' in a['said'][0] and b['said'] == []
+    assert a['checksum'] == b['checksum'] and a['param_cl'] is b['param_cl'] is False
 
 
 # ---------------------------------------------------------------- bad input, optional Lightning
@@ -391,8 +484,9 @@ class MLP(LightningModule):
 
 
 def test_two_channelslast_callbacks_are_refused():
-    with pytest.raises(ValueError, match='more than one ChannelsLast'):
-        trainer(ChannelsLast(), ChannelsLast()).fit(Classifier(), loader())
+    "Lightning itself refuses two callbacks with one state key (ours has state: the auto decision)"
+    with pytest.raises(RuntimeError, match='more than one stateful callback of type `ChannelsLast`'):
+        trainer(ChannelsLast(), ChannelsLast())
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from .guards import check_bool
 from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
-__all__ = ['ChannelsLast', 'slow_precision_message', 'trainer_amp_mode', 'ddp_group']
+__all__ = ['ChannelsLast', 'slow_precision_message', 'trainer_amp_mode']
 
 # %% ../nbs/10_lightning.ipynb #007a3f30
 class ChannelsLast(Callback):
@@ -185,7 +185,7 @@ def trainer_amp_mode(trainer: Trainer) -> AMPMode | None:
 _TRIAL_PRECISION = {'32-true': 'fp32', 'bf16-mixed': 'bf16', '16-mixed': 'fp16', 'bf16-true': 'bf16', '16-true': 'fp16'}
 
 
-def ddp_group():
+def _ddp_group():
     "The process group of a distributed run (every rank then times and decides alike), or None for one process"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return None
     return dist.group.WORLD
@@ -206,7 +206,7 @@ def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModul
                           f"keeps {self.layout} without measuring.", ChannelsLastWarning, stacklevel=3)
             return
         settings, left_out = candidate_settings(trainer.strategy.root_device, precision)
-        self.trial = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop, group=ddp_group(),
+        self.trial = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop, group=_ddp_group(),
                                left_out=left_out)
     if self.trial.decision is not None: return self._adopt(trainer, pl_module, self.trial.decision)
     if (want := self.trial.setting.layout) != self.layout: self.set_layout(trainer, pl_module, want)

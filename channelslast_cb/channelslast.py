@@ -28,7 +28,8 @@ from .learner import Learner, model_device
 from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
-__all__ = ['to_channels_last', 'to_contiguous_format', 'match_opt_state_layout', 'ChannelsLastWarning', 'ChannelsLast']
+__all__ = ['to_channels_last', 'to_contiguous_format', 'match_opt_state_layout', 'ChannelsLastWarning', 'has_conv',
+           'ChannelsLast']
 
 # %% ../nbs/03_channelslast.ipynb #62d84942
 _CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -112,7 +113,7 @@ class ChannelsLastWarning(UserWarning):
 
 
 
-def _has_conv(model: nn.Module) -> bool:
+def has_conv(model: nn.Module) -> bool:
     "Whether `model` has a 2-D or 3-D convolution (plain or transposed)"
     return any(isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) in (2, 3) for m in model.modules())
 
@@ -207,7 +208,7 @@ class ChannelsLast(Callback):
 
     def before_fit(self):
         learn = self.learn
-        if not _has_conv(learn.model):
+        if not has_conv(learn.model):
             self._warn('model', f"ChannelsLast: the model ({type(learn.model).__name__}) has no 2-D or 3-D convolution "
                        f"(nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d/3d), so the channels-last layout cannot make it faster; "
                        f"training stays correct, but each batch pays a layout conversion. Remove it with "

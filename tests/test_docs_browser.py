@@ -135,6 +135,19 @@ def test_channelslast_api_page(browser, base_url):
     assert browser.bad == [], browser.bad
 
 
+def test_lightning_pages(browser, base_url):
+    "The Lightning API page (the callback's signature with its docments) and its guide"
+    page = open_page(browser, base_url + '/lightning/', 'lightning')
+    assert h1(page) == nb_title(ROOT / 'nbs' / '10_lightning.ipynb').replace('`', '')
+    art = page.locator('article').inner_text()
+    assert 'def ChannelsLast(' in art and 'repair:bool=False' in art.replace(' ', ''), 'no ChannelsLast signature'
+    assert page.locator('[id="channelslast"]').count() == 1
+    page = open_page(browser, base_url + '/guide_lightning/', 'guide_lightning')
+    assert h1(page) == 'Using it with Lightning'
+    assert 'Trainer(callbacks=[ChannelsLast()])' in page.locator('article').inner_text()
+    assert browser.bad == [], browser.bad
+
+
 def test_guide_page(browser, base_url):
     page = open_page(browser, base_url + '/guide_will_it_help/', 'guide')
     assert h1(page) == 'Will channels-last help my model?'

@@ -169,9 +169,12 @@ def attempt_store(store: dist.Store,  # a store every rank reaches and that may 
     "`store` under a prefix that all ranks of this attempt agree on and that no earlier attempt wrote to"
     _check_rank(rank, world_size)
     wait = (as_timeout(timeout) if timeout is not None else default_pg_timeout).total_seconds()
-    deadline = time.monotonic() + wait
+    return _join(store, rank, world_size, run_id, wait, time.monotonic() + wait)
+
+
+def _join(store, rank: int, world: int, run_id: str, wait: float, deadline: float) -> dist.PrefixStore:
     base = f'{_ELASTIC_KEYS}/{run_id}'
-    gen = _lead(store, base, world_size, deadline, wait) if rank == 0 else _follow(store, base, rank, deadline, wait)
+    gen = _lead(store, base, world, deadline, wait) if rank == 0 else _follow(store, base, rank, deadline, wait)
     return dist.PrefixStore(f'{base}/{gen}/', store)
 
 
@@ -181,14 +184,15 @@ def elastic_rendezvous(timeout: float | datetime.timedelta | None = None,  # how
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing: raise RuntimeError(f"{', '.join(missing)} not set: this process was not started by torchrun. {_LAUNCH_HINT}")
     wait = as_timeout(timeout) if timeout is not None else default_pg_timeout
-    start = time.monotonic()
+    deadline = time.monotonic() + wait.total_seconds()  # one budget for reaching the store and for the join
     try: store, rank, world = next(dist.rendezvous('env://', timeout=wait))  # torch's env:// store, as init_process_group makes it
     except dist.DistError as e:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise RuntimeError(f"Could not reach torchrun's store at {where} within {wait.total_seconds():g} s (timeout): "
                            f"{str(e).splitlines()[0]}. Is the torchrun agent (or rank 0) still running?") from None
-    left = max(wait.total_seconds() - (time.monotonic() - start), 0.001)  # one budget for the connection and the join
-    return attempt_store(store, rank, world, left, os.environ.get('TORCHELASTIC_RUN_ID', '')), rank, world
+    _check_rank(rank, world)
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID', '')
+    return _join(store, rank, world, run_id, wait.total_seconds(), deadline), rank, world
 
 # %% ../nbs/06_distributed.ipynb #231a8468
 class DistributedBatches:

@@ -5,6 +5,7 @@
 run, in the same process group, and writes what each rank ended with. `benchmarks/elastic_restarts.py` repeats the
 restart many times (and a plain-torch script beside it); its counts are in BENCHMARKS.md.
 """
+import json
 import os
 import shutil
 import socket
@@ -102,3 +103,16 @@ def test_example_script_survives_a_kill(tmp_path):
     assert 'attempt 0 on 2 process(es)' in out and 'attempt 1 on 2 process(es)' in out, out
     assert f"autoresume: loaded {tmp_path / 'models' / 'model_1.pth'} (the end of epoch 1); training epochs 2 to 3" in out
     assert float(out.split('final validation accuracy:')[1]) > 0.9, out
+
+
+def test_every_rank_resumes_from_rank0s_choice(tmp_path):
+    # each rank has a checkpoint folder of its own, with different checkpoints (a folder the nodes do not share):
+    # both ranks resume from the file rank 0 chose; and when rank 1 cannot load it, both ranks raise
+    check_ok(torchrun(0, 'tests/elastic_agree_worker.py', str(tmp_path)))
+    seen = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    for s in seen:
+        assert s['resumed_from'] == str(tmp_path / 'r0' / 'models' / 'model_1.pth')  # not rank 1's newer model_2
+        assert s['epochs_run'] == 2
+    assert 'holds the state of a AdamW optimizer, but this learner\'s is a SGD' in seen[1]['error']
+    assert seen[0]['error'].startswith(f"RuntimeError: autoresume: loading {tmp_path / 'r0' / 'models' / 'model_3.pth'} "
+                                       f"failed on rank(s) 1: CheckpointError: "), seen[0]['error']

@@ -430,7 +430,7 @@ class DistributedTrainer(Callback):
 def to_distributed(self: Learner,
                    sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                    seed: int = 0,          # shuffling seed shared by the ranks
-                   timeout: float | datetime.timedelta | None = None,  # for a process group this call creates: how long a collective may wait (seconds)
+                   timeout: float | datetime.timedelta | None = None,  # for a process group this call creates: how long forming it, or a collective, may wait (seconds)
                    **ddp_kwargs) -> Learner:  # passed on to `DistributedDataParallel`
     "Train with DDP on the processes of a torchrun launch: set up the process group if needed, add `DistributedTrainer`"
     cb = DistributedTrainer(sync_bn, seed, **ddp_kwargs)  # checks the arguments before anything changes
@@ -467,7 +467,7 @@ def detach_distributed(self: Learner) -> Learner:
 def distrib_ctx(self: Learner,
                 sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                 seed: int = 0,          # shuffling seed shared by the ranks
-                timeout: float | datetime.timedelta | None = None,  # how long a collective may wait for a stuck process (seconds); None: torch's 30 minutes
+                timeout: float | datetime.timedelta | None = None,  # how long forming the group, or a collective, may wait for a missing or stuck process (seconds); None: torch's 30 minutes
                 **ddp_kwargs):          # passed on to `DistributedDataParallel`
     "Context manager: train with DDP inside the block when launched by torchrun (else in this process), clean up after"
     if timeout is not None: as_timeout(timeout)  # checked even when the block runs without DDP

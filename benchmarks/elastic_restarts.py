@@ -83,7 +83,8 @@ def run_once(what: str, rdzv: str, i: int, limit: float) -> tuple[str, str]:
 
 def judge(what: str, out: Path, text: str, rcs: list[int], hung: bool) -> tuple[str, str]:
     if hung: return 'hung', ''
-    if any(rcs): return ('Connection refused' if 'Connection refused' in text else f'failed (exit {rcs})'), ''
+    if any(rcs):  # gloo's two ways of failing to form the restarted group (the first attempt's error is another)
+        return next((w for w in ('Connection refused', 'Connect timeout') if w in text), f'failed (exit {rcs})'), ''
     if 'exitcode: -9' not in text: return 'no kill seen', ''  # not a restart: would not count either way
     if what == 'plain': return ('ok' if text.count(' done: 4') == 2 else 'ranks did not finish'), ''
     import torch

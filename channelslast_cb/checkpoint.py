@@ -13,7 +13,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint_io import (
+    CheckpointError, all_ranks_succeeded, decided_on_rank0, epoch_checkpoints, read_checkpoint)
 from .core import Callback, CancelFitException
+from .guards import check_bool
+from .learner import Learner
 
 # %% auto #0
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau']
@@ -79,7 +83,11 @@ class SaveModelCallback(TrackerCallback):
                  every_epoch: bool | int = False,  # save after every (`n`-th) epoch as `fname_{epoch}`, no tracking
                  at_end: bool = False,          # save the final model as `fname` at the end instead of loading the best
                  with_opt: bool = False,        # also save the optimizer state, RNG states and epoch (to resume)
-                 reset_on_fit: bool = True):    # forget the best value at the start of each fit
+                 reset_on_fit: bool = True,     # forget the best value at the start of each fit
+                 *,                             # fastai's arguments above; ours below, by keyword only
+                 autoresume: bool = False):     # continue from the newest complete `fname_{epoch}` there is, if any:
+                                                # the same script is the first run and every restart (needs
+                                                # `every_epoch` and `with_opt`)
         super().__init__(monitor, comp, min_delta, reset_on_fit)
         if every_epoch and at_end:
             raise ValueError("every_epoch and at_end cannot both be set: every_epoch saves fname_{epoch} after each "
@@ -87,14 +95,62 @@ class SaveModelCallback(TrackerCallback):
         if isinstance(every_epoch, bool): every_epoch = int(every_epoch)
         if not isinstance(every_epoch, int) or every_epoch < 0:
             raise ValueError(f"every_epoch must be True/False or a number of epochs >= 1, got {every_epoch!r}")
+        check_bool('autoresume', autoresume)
+        if autoresume and not (every_epoch and with_opt):
+            raise ValueError(f"autoresume=True continues from the checkpoints that every_epoch saves with with_opt=True "
+                             f"(the optimizer, RNG states and epoch a resume needs), but every_epoch={every_epoch!r} and "
+                             f"with_opt={with_opt!r}: use SaveModelCallback(every_epoch=True, with_opt=True, autoresume=True)")
         self.fname, self.every_epoch, self.at_end, self.with_opt = fname, every_epoch, at_end, with_opt
+        self.autoresume = autoresume
         self.last_saved_path: Path | None = None
+        self.resumed_from: Path | None = None  # the checkpoint the last fit continued from (autoresume)
 
     def _save(self, name: str): self.last_saved_path = self.learn.save(name, with_opt=self.with_opt)
 
     def before_fit(self):
         super().before_fit()
-        if self.learn.fitting: self.last_saved_path = None
+        if not self.learn.fitting: return
+        self.last_saved_path = self.resumed_from = None
+        if self.autoresume: self._resume()
+
+    def _newest(self, folder: Path) -> tuple[int, str] | None:
+        "The epoch and path of the newest `fname_{epoch}` that reads whole and holds what a resume needs"
+        for k, p in epoch_checkpoints(self.fname, folder):
+            try: state = read_checkpoint(p, map_location='cpu')
+            except CheckpointError as e:  # not written by atomic_save (a copy, another tool): say so, take the next
+                warnings.warn(f"autoresume: skipping {p}, which cannot be read: {e}")
+                continue
+            if 'opt' not in state or 'epoch' not in state:
+                warnings.warn(f"autoresume: skipping {p}: it was saved without with_opt=True, so it has no optimizer "
+                              f"state, RNG states or epoch to continue from")
+                continue
+            return int(state['epoch']), str(p)
+        return None
+
+    def _resume(self):
+        "Load the newest complete checkpoint, the same on every rank, and start the fit at the epoch after it"
+        learn = self.learn
+        if not isinstance(learn, Learner):
+            raise TypeError(f"autoresume=True moves the first epoch of channelslast_cb's Learner.fit; this is a "
+                            f"{type(learn).__name__}. Load the checkpoint and pass start_epoch yourself.")
+        if learn.start_epoch:
+            raise ValueError(f"autoresume=True chooses the first epoch itself, from the checkpoints; this fit was "
+                             f"given start_epoch={learn.start_epoch}. Call fit without start_epoch.")
+        found = decided_on_rank0(lambda: self._newest(learn.path / learn.model_dir))  # every rank: the same file
+        if found is None: return  # nothing saved yet: a fresh start
+        epoch, path = found
+        n = learn.n_epoch
+        if epoch >= n:
+            raise ValueError(f"autoresume: the newest checkpoint, {path}, was saved at epoch {epoch}, but this fit has "
+                             f"{n} epochs (0 to {n - 1}): it belongs to another run. Give this run its own fname or "
+                             f"model_dir, or remove the old checkpoints.")
+        err = None
+        try: learn.load(path, with_opt=True)
+        except Exception as e: err = e
+        all_ranks_succeeded(err, f'autoresume: loading {path}')
+        learn.start_epoch, self.resumed_from = epoch + 1, Path(path)
+        left = f'training epochs {epoch + 1} to {n - 1}' if epoch + 1 < n else 'it was the last epoch: nothing is left'
+        self._say(f'autoresume: loaded {path} (the end of epoch {epoch}); {left}')
 
     def after_epoch(self):
         "Save `fname_{epoch}` (every epoch), or `fname` when the monitored value improved"

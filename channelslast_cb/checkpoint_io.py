@@ -24,7 +24,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['CKPT_EXT', 'checkpoint_path', 'stale_temp_files', 'atomic_save', 'CheckpointError', 'read_checkpoint', 'unwrap_model',
            'check_model_state', 'opt_name', 'check_opt_state', 'rng_states', 'set_rng_states', 'learner_state',
-           'load_states', 'on_rank0']
+           'load_states', 'on_rank0', 'epoch_checkpoints', 'decided_on_rank0', 'all_ranks_succeeded']
 
 # %% ../nbs/00d_checkpoint_io.ipynb #3067ff27
 CKPT_EXT = '.pth'
@@ -274,4 +274,44 @@ def on_rank0(write: Callable[[], None],  # writes the file
         msg = [None if err is None else f"{type(err).__name__}: {err}"]
         dist.broadcast_object_list(msg, src=0)  # also the barrier: no rank reads the file before rank 0 renamed it
         if err is None and msg[0] is not None: raise RuntimeError(f"Rank 0 failed to write the checkpoint: {msg[0]}")
+    if err is not None: raise err
+
+# %% ../nbs/00d_checkpoint_io.ipynb #a359e7c4
+def epoch_checkpoints(fname: str | os.PathLike,  # the `fname` of `SaveModelCallback(every_epoch=True)`
+                      folder: str | os.PathLike   # where names live: the learner's `path/model_dir`
+                     ) -> list[tuple[int, Path]]:
+    "`(epoch, path)` of every `fname_{epoch}.pth` there is, newest epoch first"
+    first = checkpoint_path(f'{os.fspath(fname)}_0', folder)  # what `Learner.save(f'{fname}_{epoch}')` writes
+    if not first.parent.is_dir(): return []
+    pat = re.compile(re.escape(first.name[:-len(f'_0{CKPT_EXT}')]) + r'_(\d+)' + re.escape(CKPT_EXT))
+    return sorted(((int(m[1]), p) for p in first.parent.iterdir() if (m := pat.fullmatch(p.name)) and p.is_file()),
+                  key=lambda t: t[0], reverse=True)
+
+# %% ../nbs/00d_checkpoint_io.ipynb #b16db04e
+def _world() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def decided_on_rank0(decide: Callable[[], object]):  # returns something picklable: it goes to the other ranks
+    "What `decide()` returns on rank 0, on every rank of the process group; an error in it raises on every rank"
+    if _world() == 1: return decide()
+    val, err = None, None
+    if _rank() == 0:
+        try: val = decide()
+        except Exception as e: err = e
+    msg = [val, None if err is None else f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(msg, src=0)
+    if err is not None: raise err
+    if msg[1] is not None: raise RuntimeError(f"Rank 0 failed to decide: {msg[1]}")
+    return msg[0]
+
+
+def all_ranks_succeeded(err: Exception | None,  # this rank's failure, or None
+                        what: str):              # what every rank did, for the message
+    "Raise on every rank of the process group if `what` failed on any of them"
+    if _world() > 1:
+        errs = [None] * _world()
+        dist.all_gather_object(errs, None if err is None else f"{type(err).__name__}: {err}")
+        bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if bad and err is None:
+            raise RuntimeError(f"{what} failed on rank(s) {', '.join(str(r) for r, _ in bad)}: {bad[0][1]}")
     if err is not None: raise err

@@ -15,12 +15,15 @@ import gc
 import inspect
 import itertools
 import os
+import secrets
+import time
 import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
+from torch.distributed.constants import default_pg_timeout
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
@@ -29,8 +32,8 @@ from .core import Callback
 from .learner import GatherPreds, Learner, ProgressCallback, model_device
 
 # %% auto #0
-__all__ = ['rank_distrib', 'num_distrib', 'as_timeout', 'setup_distrib', 'teardown_distrib', 'DistributedBatches',
-           'SizedDistributedBatches', 'distribute_dl', 'DistributedTrainer']
+__all__ = ['rank_distrib', 'num_distrib', 'as_timeout', 'setup_distrib', 'teardown_distrib', 'attempt_store',
+           'elastic_rendezvous', 'DistributedBatches', 'SizedDistributedBatches', 'distribute_dl', 'DistributedTrainer']
 
 # %% ../nbs/06_distributed.ipynb #c74aa5d9
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
@@ -39,6 +42,14 @@ _LAUNCH_HINT = ("Launch one process per device with torchrun, e.g. `torchrun --n
 
 
 def _initialized() -> bool: return dist.is_available() and dist.is_initialized()
+
+
+def _elastic() -> bool: return 'TORCHELASTIC_RUN_ID' in os.environ  # torchrun's agent sets it in every process
+
+
+def _check_rank(rank: int, world_size: int):
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} and world_size={world_size} do not fit together: expected 0 <= rank < world_size")
 
 
 def _env_int(name: str, default: int | None = None) -> int | None:
@@ -72,7 +83,7 @@ def as_timeout(timeout: float | datetime.timedelta) -> datetime.timedelta:
 
 def setup_distrib(device: str | torch.device | None = None,  # where the model trains: CUDA -> nccl, else gloo
                   backend: str | None = None,    # force a backend; None: chosen from `device`
-                  timeout: float | datetime.timedelta | None = None,  # how long a collective may wait before failing (seconds or a timedelta); None: torch's default (30 minutes)
+                  timeout: float | datetime.timedelta | None = None,  # how long a collective, or joining the group, may wait before failing (seconds or a timedelta); None: torch's default (30 minutes)
                   ) -> bool:
     "Initialise the default process group from torchrun's environment; `True` if this call created it"
     if not dist.is_available():
@@ -94,7 +105,10 @@ def setup_distrib(device: str | torch.device | None = None,  # where the model t
         if local is None: raise RuntimeError("LOCAL_RANK is not set: it picks the GPU of this process (torchrun sets it)")
         torch.cuda.set_device(local)
     kw = {} if timeout is None else {'timeout': as_timeout(timeout)}
-    dist.init_process_group(backend, init_method='env://', **kw)
+    if _elastic():  # torchrun's agent: its store outlives a failed attempt, so each attempt gets keys of its own
+        store, rank, world = elastic_rendezvous(timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kw)
+    else: dist.init_process_group(backend, init_method='env://', **kw)
     atexit.register(teardown_distrib)  # exiting with a live group aborts the process: end it if nobody did
     return True
 
@@ -105,12 +119,82 @@ def teardown_distrib():
     gc.collect()  # free a DDP wrapper an exception's traceback left in a cycle while its group still exists
     dist.destroy_process_group()
 
+# %% ../nbs/06_distributed.ipynb #30c7fe9d
+_ELASTIC_KEYS = 'channelslast_cb/elastic'  # under torchrun's store, beside the agent's own keys
+
+
+def _lead(store: dist.Store, base: str, world: int, deadline: float, wait: float) -> int:
+    "Rank 0: draw a new generation, answer every `hello` with it until all ranks confirmed under it"
+    gen = store.add(f'{base}/generation', 1)  # the store outlives the attempts: no earlier attempt drew this number
+    answered, missing, pause = {}, set(range(1, world)), 0.005
+    while missing:
+        for r in sorted(missing):
+            if store.check([f'{base}/hello/{r}']):
+                nonce = store.get(f'{base}/hello/{r}').decode()
+                if answered.get(r) != nonce: store.set(f'{base}/ack/{nonce}', str(gen)); answered[r] = nonce
+            if store.check([f'{base}/{gen}/ready/{r}']): missing.discard(r)
+        if not missing: break
+        if time.monotonic() > deadline:
+            ranks = ', '.join(map(str, sorted(missing)))
+            raise RuntimeError(f"Rank(s) {ranks} of {world} did not join the process group within {wait:g} s (timeout): "
+                               f"still starting, stuck before `distrib_ctx`/`setup_distrib`, or dead. Check their logs; "
+                               f"if they are only slow to start (loading data), pass a larger timeout.")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
+    return gen
+
+
+def _follow(store: dist.Store, base: str, rank: int, deadline: float, wait: float) -> int:
+    "Rank > 0: announce this process under an id only it knows, and take the generation rank 0 answers under it"
+    nonce = secrets.token_hex(8)  # an answer under this id can only come from this attempt's rank 0
+    store.set(f'{base}/hello/{rank}', nonce)
+    ack = f'{base}/ack/{nonce}'
+    try: store.wait([ack], datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+    except dist.DistError:
+        raise RuntimeError(f"Rank {rank}: rank 0 did not answer within {wait:g} s (timeout), so the process group could "
+                           f"not form: rank 0 is still starting, stuck before `distrib_ctx`/`setup_distrib`, or dead. "
+                           f"Check its log; if it is only slow to start (loading data), pass a larger timeout.") from None
+    gen = int(store.get(ack))
+    store.delete_key(ack)
+    store.set(f'{base}/{gen}/ready/{rank}', '1')
+    return gen
+
+
+def attempt_store(store: dist.Store,  # a store every rank reaches and that may hold an earlier attempt's keys
+                  rank: int,          # this process's rank
+                  world_size: int,    # number of processes
+                  timeout: float | datetime.timedelta | None = None,  # how long to wait for the other ranks; None: 30 minutes
+                  run_id: str = '',   # keeps the keys of different launches sharing a store apart
+                 ) -> dist.PrefixStore:
+    "`store` under a prefix that all ranks of this attempt agree on and that no earlier attempt wrote to"
+    _check_rank(rank, world_size)
+    wait = (as_timeout(timeout) if timeout is not None else default_pg_timeout).total_seconds()
+    return _join(store, rank, world_size, run_id, wait, time.monotonic() + wait)
+
+
+def _join(store, rank: int, world: int, run_id: str, wait: float, deadline: float) -> dist.PrefixStore:
+    base = f'{_ELASTIC_KEYS}/{run_id}'
+    gen = _lead(store, base, world, deadline, wait) if rank == 0 else _follow(store, base, rank, deadline, wait)
+    return dist.PrefixStore(f'{base}/{gen}/', store)
+
+
+def elastic_rendezvous(timeout: float | datetime.timedelta | None = None,  # how long to wait for torchrun's store and the other ranks; None: 30 minutes
+                      ) -> tuple[dist.Store, int, int]:
+    "`(store, rank, world_size)` for `init_process_group` in a torchrun process: torchrun's store, under this attempt's prefix"
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing: raise RuntimeError(f"{', '.join(missing)} not set: this process was not started by torchrun. {_LAUNCH_HINT}")
+    wait = as_timeout(timeout) if timeout is not None else default_pg_timeout
+    deadline = time.monotonic() + wait.total_seconds()  # one budget for reaching the store and for the join
+    try: store, rank, world = next(dist.rendezvous('env://', timeout=wait))  # torch's env:// store, as init_process_group makes it
+    except dist.DistError as e:
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise RuntimeError(f"Could not reach torchrun's store at {where} within {wait.total_seconds():g} s (timeout): "
+                           f"{str(e).splitlines()[0]}. Is the torchrun agent (or rank 0) still running?") from None
+    _check_rank(rank, world)
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID', '')
+    return _join(store, rank, world, run_id, wait.total_seconds(), deadline), rank, world
+
 # %% ../nbs/06_distributed.ipynb #231a8468
-def _check_rank(rank: int, world_size: int):
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} and world_size={world_size} do not fit together: expected 0 <= rank < world_size")
-
-
 class DistributedBatches:
     "The batches of `batches` that rank `rank` of `world_size` sees: every `world_size`-th one from the `rank`-th"
     def __init__(self,
@@ -346,7 +430,7 @@ class DistributedTrainer(Callback):
 def to_distributed(self: Learner,
                    sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                    seed: int = 0,          # shuffling seed shared by the ranks
-                   timeout: float | datetime.timedelta | None = None,  # for a process group this call creates: how long a collective may wait (seconds)
+                   timeout: float | datetime.timedelta | None = None,  # for a process group this call creates: how long forming it, or a collective, may wait (seconds)
                    **ddp_kwargs) -> Learner:  # passed on to `DistributedDataParallel`
     "Train with DDP on the processes of a torchrun launch: set up the process group if needed, add `DistributedTrainer`"
     cb = DistributedTrainer(sync_bn, seed, **ddp_kwargs)  # checks the arguments before anything changes
@@ -383,7 +467,7 @@ def detach_distributed(self: Learner) -> Learner:
 def distrib_ctx(self: Learner,
                 sync_bn: bool = False,  # use SyncBatchNorm while training (CUDA only)
                 seed: int = 0,          # shuffling seed shared by the ranks
-                timeout: float | datetime.timedelta | None = None,  # how long a collective may wait for a stuck process (seconds); None: torch's 30 minutes
+                timeout: float | datetime.timedelta | None = None,  # how long forming the group, or a collective, may wait for a missing or stuck process (seconds); None: torch's 30 minutes
                 **ddp_kwargs):          # passed on to `DistributedDataParallel`
     "Context manager: train with DDP inside the block when launched by torchrun (else in this process), clean up after"
     if timeout is not None: as_timeout(timeout)  # checked even when the block runs without DDP

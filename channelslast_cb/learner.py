@@ -15,7 +15,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -629,8 +628,9 @@ def _do_epoch(self: Learner):
 
 
 @patch
-def _do_fit(self: Learner, start_epoch: int = 0):
-    for epoch in range(start_epoch, self.n_epoch):  # epochs before `start_epoch` run no event at all
+def _do_fit(self: Learner):
+    # epochs before `start_epoch` run no event at all; read after `before_fit`, where `autoresume` may move it
+    for epoch in range(self.start_epoch, self.n_epoch):
         self.epoch = epoch
         self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
@@ -692,7 +692,8 @@ def fit(self: Learner,
         if lr is not None: self.opt.set_hyper('lr', lr)
         if wd is not None: self.opt.set_hyper('wd', wd)
         self.model.zero_grad(set_to_none=True)  # a fit starts clean: an interrupted batch leaves its gradients
-        self._session(partial(self._do_fit, start_epoch), n_epoch, fitting=True)
+        self.start_epoch = start_epoch
+        self._session(self._do_fit, n_epoch, fitting=True)
     return self
 
 

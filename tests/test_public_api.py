@@ -22,8 +22,10 @@ def test_design_names_are_exported():
         assert callable(getattr(cl.Learner, meth)), meth
     for meth in ('fit', 'fit_one_cycle'):  # resume a run: fastai's keyword
         assert 'start_epoch' in inspect.signature(getattr(cl.Learner, meth)).parameters, meth
-    assert list(inspect.signature(cl.SaveModelCallback).parameters) == [
+    params = inspect.signature(cl.SaveModelCallback).parameters
+    assert list(params)[:8] == [
         'monitor', 'comp', 'min_delta', 'fname', 'every_epoch', 'at_end', 'with_opt', 'reset_on_fit']  # fastai's
+    assert {n: p.kind for n, p in list(params.items())[8:]} == {'autoresume': inspect.Parameter.KEYWORD_ONLY}  # ours
     # this round: 'auto' is an AMPMode, the default of to_channelslast() and of MixedPrecision()
     assert cl.AMPMode('auto') is cl.AMPMode.AUTO
     assert inspect.signature(cl.Learner.to_channelslast).parameters['amp_mode'].default == 'auto'

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .fp16 import AMPMode, PRECISIONS, amp_speed, autocast_supported, collective_device, decide_amp
+from .checkpoint_io import decided_on_rank0
+from .fp16 import AMPMode, PRECISIONS, amp_speed, autocast_supported, decide_amp
 
 # %% auto #0
-__all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'LAYOUTS', 'ALL_SETTINGS', 'AUTO_DROP_RATIO', 'Setting', 'candidate_settings',
-           'AutoDecision', 'paired_ratio', 'fastest', 'check_trial_args', 'StepTrial']
+__all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'LAYOUTS', 'AUTO_DROP_RATIO', 'Setting', 'candidate_settings', 'AutoDecision',
+           'paired_ratio', 'fastest', 'check_trial_args', 'StepTrial']
 
 # %% ../nbs/02c_autotune.ipynb #2a91840d
 CHANNELS_LAST, CONTIGUOUS = 'channels_last', 'contiguous'
@@ -38,9 +39,6 @@ class Setting:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def __str__(self): return f"{self.layout}/{self.precision}"
-
-
-ALL_SETTINGS = tuple(Setting(l, p) for l in LAYOUTS for p in PRECISIONS)  # a fixed order: ranks exchange indices into it
 
 
 def candidate_settings(device: str | torch.device,         # where the model trains
@@ -129,7 +127,8 @@ class StepTrial:
         if not settings or not all(isinstance(s, Setting) for s in settings) or len(set(settings)) < len(settings):
             raise ValueError(f"settings must be distinct Setting(layout, precision) values, at least one; got {settings!r}")
         self.group = group if group is not None and dist.get_world_size(group) > 1 else None
-        if self.group is not None: settings = self._rank0_settings(settings)
+        if self.group is not None:  # rank 0's candidates on every rank: each rank's probe may rule out others
+            settings = decided_on_rank0(lambda s=settings: s, self.group)
         self.eligible = eligible or (lambda s: True)
         if not any(self.eligible(s) for s in settings): raise ValueError("no setting of the trial is eligible to be kept")
         self.settings, self.alive = settings, list(settings)
@@ -200,17 +199,10 @@ class StepTrial:
                            dropped_after=self.dropped.get(s), kept=s == best) for s in self.settings)
         self.decision, self._queue = AutoDecision(best, table, self.steps, self.left_out), []
 
-    def _rank0_settings(self, settings: list) -> list:
-        "Rank 0's candidates on every rank: each rank's probe may have ruled out a different set"
-        n = len(ALL_SETTINGS)
-        t = torch.full((n,), -1, dtype=torch.int64, device=collective_device(self.group))
-        t[:len(settings)] = torch.tensor([ALL_SETTINGS.index(s) for s in settings])
-        dist.broadcast(t, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return [ALL_SETTINGS[i] for i in t.tolist() if i >= 0]
-
     def _mean_over_ranks(self, med: dict) -> dict:
         "Each setting's block time averaged over the ranks: every rank then drops and keeps the same settings"
         keys = list(med)  # the same order on every rank: the ranks share the candidates and the rounds
-        t = torch.tensor([med[s] for s in keys], dtype=torch.float64, device=collective_device(self.group))
+        dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(self.group) == 'nccl' else 'cpu'
+        t = torch.tensor([med[s] for s in keys], dtype=torch.float64, device=dev)
         dist.all_reduce(t, group=self.group)
         return dict(zip(keys, (t / dist.get_world_size(self.group)).tolist()))

@@ -291,15 +291,17 @@ def epoch_checkpoints(fname: str | os.PathLike,  # the `fname` of `SaveModelCall
 def _world() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def decided_on_rank0(decide: Callable[[], object]):  # returns something picklable: it goes to the other ranks
+def decided_on_rank0(decide: Callable[[], object],  # returns something picklable: it goes to the other ranks
+                     group=None):                    # the process group (None: the default one, if any)
     "What `decide()` returns on rank 0, on every rank of the process group; an error in it raises on every rank"
-    if _world() == 1: return decide()
+    if group is None and _world() == 1: return decide()
+    if group is not None and dist.get_world_size(group) == 1: return decide()
     val, err = None, None
-    if _rank() == 0:
+    if (_rank() if group is None else dist.get_rank(group)) == 0:
         try: val = decide()
         except Exception as e: err = e
     msg = [val, None if err is None else f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(msg, src=0)
+    dist.broadcast_object_list(msg, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
     if err is not None: raise err
     if msg[1] is not None: raise RuntimeError(f"Rank 0 failed to decide: {msg[1]}")
     return msg[0]

@@ -24,14 +24,15 @@ from fastcore.meta import delegates
 from fastcore.basics import patch
 from torch import nn
 
+from .checkpoint_io import decided_on_rank0
 from .core import Callback, CancelStepException
 from .learner import Learner, model_device
 
 # %% auto #0
 __all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'PRECISIONS', 'SAY_CHOICES', 'AMPMode', 'cpu_native', 'autocast_supported',
            'AMPSpeedWarning', 'AMPSpeed', 'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed',
-           'check_amp_support', 'say_choice', 'AMPChoice', 'collective_device', 'rank0_value', 'decide_amp',
-           'to_float32', 'SkippedStepsWarning', 'host_log', 'distributed_group', 'MixedPrecision']
+           'check_amp_support', 'say_choice', 'AMPChoice', 'decide_amp', 'to_float32', 'SkippedStepsWarning',
+           'host_log', 'distributed_group', 'MixedPrecision']
 
 # %% ../nbs/02_fp16.ipynb #33f47e74
 class AMPMode(str, Enum):
@@ -295,20 +296,6 @@ class AMPChoice:
         return f"amp_mode='auto' trains in {self.precision} on {self.device_type}: {self.reason}"
 
 
-def collective_device(group=None) -> torch.device:
-    "Where a collective on `group` takes its tensors: the current CUDA device for nccl, else the CPU"
-    if dist.get_backend(group) == 'nccl': return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
-
-
-def rank0_value(index: int,    # this rank's value: a small integer (an index into a fixed list)
-                group) -> int:  # the process group the ranks train on (`dist.group.WORLD` for the default)
-    "Rank 0's `index` on every rank of `group` (one broadcast: every rank must call this at the same point)"
-    t = torch.tensor([index], dtype=torch.int64, device=collective_device(group))
-    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-    return int(t.item())
-
-
 def _cpu_choice() -> AMPChoice:
     speeds = tuple(s for m in (AMPMode.BF16, AMPMode.FP16) if (s := amp_speed(m, 'cpu')) is not None)
     said = ', '.join(f"{s.mode} {'at least ' if s.capped else ''}{s.ratio:.2f}x" for s in speeds)
@@ -321,24 +308,22 @@ def _cpu_choice() -> AMPChoice:
     return AMPChoice('cpu', best.mode.value, f"it trains fastest on this CPU (measured {said} fp32's step time)", speeds)
 
 
+def _choice(dt: str) -> AMPChoice:
+    if dt == 'cpu': return _cpu_choice()
+    if dt == 'cuda': return AMPChoice('cuda', 'fp16', "fp16 with a GradScaler runs on every CUDA GPU's fast path (as "
+                                                      "fastai's default); bf16 only when asked")
+    p = next((m.value for m in (AMPMode.FP16, AMPMode.BF16) if autocast_supported(m, dt)[0]), 'fp32')
+    return AMPChoice(dt, p, f"the first mode {dt}'s autocast computes in" if p != 'fp32' else
+                     f"{dt}'s autocast computes in neither float16 nor bfloat16")
+
+
 def decide_amp(device: str | torch.device,  # where the model is
                group=None                   # DDP: the process group, whose ranks all take rank 0's choice; None: alone
               ) -> AMPChoice:
     "The precision `amp_mode='auto'` trains in on `device`: fp16 on CUDA, the measured fastest on a CPU, never a slower one"
     dt = torch.device(device).type
-    if dt == 'cpu': choice = _cpu_choice()
-    elif dt == 'cuda': choice = AMPChoice('cuda', 'fp16', "fp16 with a GradScaler runs on every CUDA GPU's fast path "
-                                                           "(as fastai's default); bf16 only when asked")
-    else:
-        p = next((m.value for m in (AMPMode.FP16, AMPMode.BF16) if autocast_supported(m, dt)[0]), 'fp32')
-        choice = AMPChoice(dt, p, f"the first mode {dt}'s autocast computes in" if p != 'fp32' else
-                           f"{dt}'s autocast computes in neither float16 nor bfloat16")
-    if group is not None and dist.get_world_size(group) > 1:
-        p = PRECISIONS[rank0_value(PRECISIONS.index(choice.precision), group)]
-        if p != choice.precision:
-            choice = AMPChoice(dt, p, f"rank 0's choice, so that every rank trains alike (this rank measured "
-                                      f"{choice.precision}: {choice.reason})", choice.speeds)
-    return choice
+    if group is None: return _choice(dt)
+    return decided_on_rank0(lambda: _choice(dt), group)  # rank 0 measures; every rank trains as it chose
 
 # %% ../nbs/02_fp16.ipynb #729aade8
 class _Default:

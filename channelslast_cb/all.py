@@ -8,6 +8,7 @@ from .optimizer import *
 from .schedule import *
 from .progress import *
 from .checkpoint_io import *
+from .recorder import *
 from .learner import *
 from .fp16 import *
 from .autotune import *

@@ -1,4 +1,4 @@
-"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback`, `Recorder` and metrics (the optimizer API, the one-cycle schedule and the progress bar have their own pages).
+"""A lean, fastai-compatible training loop: `Learner`, `DataLoaders`, `TrainEvalCallback` and metrics (the optimizer API, the one-cycle schedule, the progress bar and the `Recorder` have their own pages).
 
 Docs: https://channelslast-cb.github.io/channelslast_cb/learner.html.md"""
 
@@ -12,7 +12,6 @@ import inspect
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,15 +28,15 @@ from .core import (
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
     annotate_error, event_handler, is_callback)
 from .guards import (
-    as_cbs, as_device, as_metrics, check_batches, check_bool, check_int, check_loss, check_model_device, check_number,
-    metric_value, warn_nonfinite)
+    as_cbs, as_device, as_metrics, check_batches, check_bool, check_int, check_loss, check_model_device, check_number)
 from .optimizer import as_hyper_opt, wd_keyword
 from .schedule import OneCycleScheduler
 from .progress import ProgressCallback
+from .recorder import Recorder
 
 # %% auto #0
-__all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Recorder',
-           'Learner', 'model_device', 'GatherPreds']
+__all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Learner',
+           'model_device', 'GatherPreds']
 
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
@@ -134,169 +133,6 @@ class TrainEvalCallback(Callback):
     def before_validate(self):
         self.model.eval()
         self.learn.training = False
-
-# %% ../nbs/01_learner.ipynb #0a797020
-class Recorder(Callback):
-    "Record losses, learning rates, metrics and times; log a row per epoch through `learn.logger`"
-    order = 50  # after the callbacks that change `loss` or `pred` (e.g. `MixedPrecision`)
-    _keeps_loss_grad = True
-    _flush_every = 64
-    _warned_nonfinite = False  # whether this fit already warned about a nan/inf training loss
-
-    def __init__(self,
-                 print_table: bool = True,  # print a row per epoch during `fit` (the default `learn.logger`)
-                 beta: float = 0.98):       # smoothing of `losses`/`smooth_loss`, as fastai's `AvgSmoothLoss`
-        super().__init__()
-        self.print_table, self.beta = print_table, beta
-        self.batch_losses, self.lrs, self.values, self.iters, self.times, self.extra_cols = [], [], [], [], [], {}
-        self.epochs = []  # the `learn.epoch` of each row of `values`
-        self._smooth, self._smooth_val = [], 0.
-        self._pending, self._pending_bs, self._ep_bs, self._valid, self._header_done = [], [], [], None, False
-        self.reduce = None  # `reduce(t) -> t`: sums a float64 tensor over the processes of a distributed run
-
-    @property
-    def metric_names(self) -> list[str]:
-        "Column names of the epoch table: `['epoch', 'train_loss', 'valid_loss', *metrics, *extra_cols, 'time']`"
-        return ['epoch', 'train_loss', 'valid_loss', *(getattr(m, '__name__', type(m).__name__) for m in self.learn.metrics),
-                *self.extra_cols, 'time']
-
-    def column(self, name: str) -> list:
-        "Every epoch's value of the column `name` of `metric_names` (`'epoch'` and `'time'` too)"
-        names = self.metric_names
-        if name not in names: raise KeyError(f"No column {name!r} in the epoch table; the columns are {names}")
-        if name == 'epoch': return list(self.epochs)
-        if name == 'time': return list(self.times)
-        i = names.index(name) - 1
-        return [row[i] for row in self.values]
-
-    def before_fit(self):
-        if self.learn.fitting:  # `validate`/`get_preds` keep the history
-            self.batch_losses, self.lrs, self.values, self.iters, self.times, self.epochs = [], [], [], [], [], []
-            self._smooth, self._smooth_val = [], 0.
-            self._header_done = self._warned_nonfinite = False
-        self._start_epoch()
-
-    # Every accumulator is (re)set at the start of the fit and of each epoch, so that an `after_*` handler still
-    # works when another callback cancelled the matching `before_*` before the Recorder saw it.
-    def _start_epoch(self):
-        self._t0, self._ep_start, self._ep_bs, self._valid = time.perf_counter(), len(self.batch_losses), [], None
-        self._pending, self._pending_bs = [], []
-        self.before_validate()
-
-    def before_epoch(self): self._start_epoch()
-
-    def after_batch(self):
-        learn = self.learn
-        loss = learn.loss
-        if loss is None: return  # cancelled before a loss existed
-        if learn.training:
-            pending = self._pending
-            pending.append(loss)
-            self._pending_bs.append(learn.bs)
-            self.lrs.append(learn.opt.param_groups[-1]['lr'])
-            if len(pending) >= self._flush_every: self._flush()
-        else:
-            bs = learn.bs
-            self._vsum += loss.float() * bs
-            for i, m in enumerate(learn.metrics): self._msum[i] += metric_value(m(learn.pred, *learn.yb), m) * bs
-            self._vn += bs
-
-    def _flush(self):
-        n = len(self.batch_losses)
-        if self._pending: self.batch_losses.extend(torch.stack(self._pending).float().cpu().tolist())
-        if not self._warned_nonfinite and not self._steps_skip_nonfinite():  # once per fit, no sync
-            self._warned_nonfinite = warn_nonfinite(self.batch_losses, n)
-        self._ep_bs.extend(self._pending_bs)
-        self._pending, self._pending_bs = [], []
-
-    @property
-    def losses(self) -> list[float]:
-        "The smoothed loss after each training batch of the last `fit` (fastai's debiased moving average)"
-        self._flush()  # a host sync, only when someone reads the losses
-        raw, sm, b, val = self.batch_losses, self._smooth, self.beta, self._smooth_val
-        for i in range(len(sm), len(raw)):
-            val = b * val + (1 - b) * raw[i]
-            sm.append(val / (1 - b ** (i + 1)))
-        self._smooth_val = val
-        return sm
-
-    @property
-    def smooth_loss(self) -> torch.Tensor | None:
-        "The last of `losses` as a 0-d tensor (fastai's `learn.smooth_loss`), or None before any training batch"
-        sm = self.losses
-        return torch.tensor(sm[-1]) if sm else None
-
-    def _steps_skip_nonfinite(self) -> bool:
-        "Whether a callback skips the steps a non-finite loss would spoil (fp16's `GradScaler`): no warning then"
-        return any(getattr(cb, 'skips_nonfinite_steps', False) for cb in self.learn.cbs)  # read every 64 steps
-
-    def after_train(self): self._flush()
-    def after_fit(self): self._flush()  # a `CancelFitException` inside an epoch skips `after_train`
-
-    def before_validate(self):
-        self._vsum, self._vn = torch.zeros((), device=self.learn.device), 0
-        self._msum = [torch.zeros((), device=self.learn.device) for _ in self.learn.metrics]
-
-    def after_validate(self):
-        t = torch.stack([self._vsum.double(), *(s.double() for s in self._msum),
-                         torch.tensor(float(self._vn), dtype=torch.float64, device=self._vsum.device)])
-        if self.reduce is not None: t = self.reduce(t)  # the whole validation set's sums, on every process
-        sums, n = t[:-1].tolist(), t[-1].item()
-        if n: self._valid = [v / n for v in sums]
-
-    @property
-    def n_epoch_steps(self) -> int:
-        "Training steps recorded so far in this epoch"
-        return len(self.batch_losses) - self._ep_start + len(self._pending)
-
-    def _reduce_epoch_losses(self):
-        "Make each step's loss this epoch the mean over all processes' batches (weighted by their sizes)"
-        k = len(self.batch_losses) - self._ep_start
-        if not k: return
-        bs = torch.tensor(self._ep_bs, dtype=torch.float64, device=self.learn.device)
-        t = torch.cat([torch.tensor(self.batch_losses[self._ep_start:], dtype=torch.float64, device=bs.device) * bs, bs])
-        t = self.reduce(t)
-        self.batch_losses[self._ep_start:] = (t[:k] / t[k:]).tolist()
-        self._ep_bs = [int(b) for b in t[k:].tolist()]  # the global batch size of each step
-        self._smooth, self._smooth_val = [], 0.  # smoothed again from the reduced losses on the next read
-
-    def after_epoch(self):
-        self._flush()
-        if self.reduce is not None: self._reduce_epoch_losses()
-        valid = self._valid or [math.nan] * (1 + len(self.learn.metrics))
-        if not self.learn.fitting:  # validate/get_preds: fastai's `final_record` is `[valid_loss, *metrics]`
-            self.learn.final_record = list(valid)
-            return
-        ep_losses, ep_bs = self.batch_losses[self._ep_start:], self._ep_bs
-        train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
-        row = [train_loss, *valid, *(f() for f in self.extra_cols.values())]
-        self.learn.final_record = row
-        self.values.append(row)
-        self.iters.append(len(self.batch_losses))
-        self.times.append(time.perf_counter() - self._t0)
-        self.epochs.append(self.learn.epoch)
-        self.learn.logger([self.learn.epoch, *row, self.times[-1]])
-
-    def print_row(self, row: list):
-        "Print `row` (`[epoch, *values row, time]`) as a line of the epoch table, the header first"
-        if not self.print_table: return
-        if not self._header_done:
-            self.learn.log(_fmt_cells(self.metric_names)); self._header_done = True
-        self.learn.log(_fmt_cells(row))
-
-    def table(self) -> str:
-        "The epoch table recorded by the last `fit`, as text"
-        if not self.values: return ''
-        return '\n'.join([_fmt_cells(self.metric_names)] +
-                         [_fmt_cells([e, *row, t]) for e, row, t in zip(self.epochs, self.values, self.times)])
-
-
-def _fmt_cells(cells) -> str:
-    "One table line; the last cell of a row is the epoch time in seconds"
-    cells = list(cells)
-    if cells and isinstance(cells[-1], float): cells[-1] = f'{cells[-1]:.2f}s'
-    return '  '.join(f'{v:>12d}' if isinstance(v, int) else f'{v:>12.6f}' if isinstance(v, float) else f'{v!s:>12}'
-                     for v in cells)
 
 # %% ../nbs/01_learner.ipynb #df0c974d
 _STAGES = {n: (f'before_{n}', f'after_cancel_{n}', f'after_{n}')

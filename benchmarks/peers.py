@@ -13,7 +13,8 @@ end of the optimizer step, so that each fit's start-up (building a Trainer, a fi
 is not counted. Each round runs `--steps` + `--skip` steps of every variant, the order rotating each round; the
 first `--skip` steps of a fit are dropped (a new fit runs cold). A variant's figure is the median over rounds of its
 round's median step; speed-ups are medians over rounds of per-round ratios (paired: load drifting on a shared
-machine cancels). Before round 1 every variant runs a warm-up fit; `auto=True` runs until it has decided, and the
+machine cancels), against plain contiguous fp32 and against the best plain loop (the plain setting with the lowest
+median step). Before round 1 every variant runs a warm-up fit; `auto=True` runs until it has decided, and the
 extra time its measuring steps cost (against its steady step time) is reported in steps.
 
 fastai's own `to_channelslast()` and fastai with our import share one process: `unpatch_fastai()` /
@@ -23,6 +24,7 @@ variants need `lightning`; a variant whose package is missing is left out (said 
 import argparse
 import copy
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -247,6 +249,7 @@ def main(argv=None):
                    help='16-bit modes of the plain loops (fp32 always)')
     p.add_argument('--only', nargs='*', help='keep the variants whose name contains one of these strings')
     p.add_argument('--out', help='also write the Markdown table to this file')
+    p.add_argument('--json', help='also write every round\'s median step time (seconds) per variant to this file')
     args = p.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g),
@@ -274,19 +277,21 @@ def main(argv=None):
             rounds[name].append(statistics.median(t))
         log(f'round {i + 1}/{args.rounds}: ' + ', '.join(f'{n.split(":")[0][:24]} {rounds[n][-1] * 1e3:.0f}' for n in names))
     load1 = os.getloadavg()
-    plain = [n for n in names if n.startswith('plain loop')]
-    best_plain = [min(rounds[n][i] for n in plain) for i in range(args.rounds)]  # the best plain setting, per round
     med = lambda xs: statistics.median(xs)
+    # the best plain setting: the plain loop with the lowest median step, chosen once (a per-round minimum over the
+    # plain loops would pick each round's luckiest one, and read every other variant slower than it is)
+    best = min((n for n in names if n.startswith('plain loop')), key=lambda n: med(rounds[n]))
     lines = [f"`benchmarks/peers.py {' '.join(sys.argv[1:] if argv is None else argv)}`: timm `{args.model}`, "
              f"{args.img_size} px, batch {args.batch_size}, SGD; {cpu_name()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, Python {platform.python_version()}; "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {(time.time() - t0) / 60:.0f} min; "
              f"load average {load0[0]:.1f} before, {load1[0]:.1f} after. {args.rounds} rounds x {args.steps} timed "
              f"steps per variant (after {args.skip} untimed), interleaved.", '',
-             '| variant | ms/step | vs plain contiguous fp32 | vs the best plain loop (per round) |', '|---|---:|---:|---:|']
+             f'| variant | ms/step | vs plain contiguous fp32 | vs the best plain loop ({best.split(", ", 1)[1]}) |',
+             '|---|---:|---:|---:|']
     for n in names:
         vs_ref = med([a / b for a, b in zip(rounds[ref], rounds[n])])
-        vs_best = med([a / b for a, b in zip(best_plain, rounds[n])])
+        vs_best = med([a / b for a, b in zip(rounds[best], rounds[n])])
         lines.append(f'| {n} | {med(rounds[n]) * 1e3:,.0f} | {vs_ref:.2f}x | {vs_best:.2f}x |')
     for n, (d, steps) in notes.items():
         steady = med(rounds[n])
@@ -302,6 +307,8 @@ def main(argv=None):
     print(out)
     if args.out:
         with open(args.out, 'w') as f: f.write(out + '\n')
+    if args.json:
+        with open(args.json, 'w') as f: json.dump(dict(table=out, rounds=rounds), f, indent=1)
 
 
 if __name__ == '__main__':

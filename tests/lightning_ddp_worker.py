@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from channelslast_cb.channelslast import to_channels_last
 from channelslast_cb.lightning import ChannelsLast
 from helpers import tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
-from lightning_helpers import Classifier, checksum, cl, loader, trainer
+from lightning_helpers import Classifier, StepClock, checksum, cl, loader, trainer
 
 GRAD_STRIDES = 'Grad strides do not match bucket view strides'
 
@@ -51,14 +51,6 @@ def fit(*callbacks, seed, max_epochs=2):
                 param_cl=all(cl(p) for p in model.parameters() if p.dim() == 4),
                 inputs=sorted(set(model.seen)), steps=t.global_step,
                 grad_warn=[str(o.message)[:120] for o in w if GRAD_STRIDES in str(o.message)])
-
-
-class StepClock:
-    "A fake clock for the trial: every training step lasts `costs[layout]` seconds of the layout it ran in"
-    def __init__(self, cb, costs): self.cb, self.costs, self.t = cb, costs, 0.
-    def __call__(self):
-        self.t += self.costs[self.cb.layout]
-        return self.t
 
 
 def fit_auto(rank: int):

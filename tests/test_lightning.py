@@ -27,7 +27,7 @@ from channelslast_cb.channelslast import ChannelsLastWarning
 from channelslast_cb.fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed
 from channelslast_cb.lightning import ChannelsLast
 from helpers import synth_images, tiny_cnn_no_conv_bias
-from lightning_helpers import AtTrainStart, Classifier, checksum, cl, loader, trainer
+from lightning_helpers import AtTrainStart, Classifier, StepClock, checksum, cl, loader, trainer
 from test_distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,14 +327,6 @@ def test_compiled_run_equals_eager():
 
 
 # ---------------------------------------------------------------- auto=True: the shared StepTrial on Lightning's steps
-
-class StepClock:
-    "A fake clock for the trial: every training step lasts `costs[layout]` seconds of the layout it ran in"
-    def __init__(self, cb, costs): self.cb, self.costs, self.t = cb, costs, 0.
-    def __call__(self):
-        self.t += self.costs[self.cb.layout]
-        return self.t
-
 
 FASTER = {'channels_last': {'channels_last': 1., 'contiguous': 2.}, 'contiguous': {'channels_last': 2., 'contiguous': 1.}}
 

@@ -290,8 +290,7 @@ def _adopt(self: ChannelsLast, d):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # one decision: said once
         say_choice(f"ChannelsLast(auto): {d}", self._log)
     del self.before_batch, self.after_step  # from the next batch on: the fixed-layout `before_batch`, or none (`handler`)
-    rebuild = getattr(self.learn, '_rebuild', None)  # our Learner's per-event tables; fastai asks at every event
-    if callable(rebuild): rebuild()
+    self._refresh_handlers()
 
 
 @patch

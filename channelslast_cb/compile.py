@@ -147,12 +147,12 @@ class TorchCompile(Callback):
         if self._auto is None: return self._install()
         # ChannelsLast(auto) still measures: time both layouts in eager mode, compile once it has chosen (below)
         self.before_batch = self._await_auto
-        learn._rebuild()
+        self._refresh_handlers()
 
     def _await_auto(self):
         if self._auto.decision is None: return
         del self.before_batch  # the handler runs no more: the batches pay nothing for it
-        self.learn._rebuild()
+        self._refresh_handlers()
         d = self._auto.decision
         self._log(f"TorchCompile: ChannelsLast(auto) chose {d.layout} ({d.precision}) after {d.steps} eager measuring "
                   f"steps; compiling the model in it now")

@@ -132,6 +132,11 @@ class Callback:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {k!r}")
         return getattr(learn, k)
 
+    def _refresh_handlers(self):
+        "After adding or deleting an instance handler, or `handler` changing its answer: our Learner rebuilds its tables"
+        rebuild = getattr(self.learn, '_rebuild', None)  # built at each fit's start; a fastai Learner asks at every event
+        if callable(rebuild): rebuild()
+
     def __repr__(self): return f"{type(self).__name__}(order={self.order})"
 
 # %% ../nbs/00_core.ipynb #d8b2a479

@@ -522,10 +522,7 @@ class MixedPrecision(Callback):
     def _idle(self) -> tuple: return tuple(self.handler(e) is None for e in _BATCH_EVENTS)
 
     def _handlers_changed(self, was: tuple):
-        # Our Learner keeps per-event handler tables (built at each fit's start): rebuild them when the per-batch
-        # handlers come or go. A fastai Learner asks `handler` at every event anyway.
-        rebuild = getattr(self.learn, '_rebuild', None)
-        if self._idle() != was and callable(rebuild): rebuild()
+        if self._idle() != was: self._refresh_handlers()  # the per-batch handlers came or went
 
     def _ensure_scaler(self, device_type: str):
         "Create the scaler on first use; move its state over if the model changed device type since"

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint_io import decided_on_rank0
-from .fp16 import AMPMode, PRECISIONS, amp_speed, autocast_supported, decide_amp
+from .fp16 import AMPMode, PRECISIONS, amp_speed, decide_amp
 
 # %% auto #0
 __all__ = ['CHANNELS_LAST', 'CONTIGUOUS', 'LAYOUTS', 'AUTO_DROP_RATIO', 'Setting', 'candidate_settings', 'AutoDecision',
-           'paired_ratio', 'fastest', 'check_trial_args', 'StepTrial']
+           'paired_ratio', 'fastest', 'synchronize', 'check_trial_args', 'StepTrial']
 
 # %% ../nbs/02c_autotune.ipynb #2a91840d
 CHANNELS_LAST, CONTIGUOUS = 'channels_last', 'contiguous'
@@ -101,6 +101,13 @@ def fastest(rounds: list[dict],          # per round: {setting: its block time}
     "The candidate with the lowest `paired_ratio` to `ref`, ties going to the earlier one: the rule of `auto=True`"
     ref = candidates[0] if ref is None else ref
     return min(candidates, key=lambda s: paired_ratio(rounds, s, ref))
+
+
+def synchronize(device: torch.device):
+    "Wait for all queued work on `device` (CUDA, MPS, XPU): a step's time means nothing before; nothing to do on the CPU"
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+    elif device.type != 'cpu' and hasattr(getattr(torch, device.type, None), 'synchronize'):
+        getattr(torch, device.type).synchronize()
 
 
 def check_trial_args(warmup: int, block: int, rounds: int, drop: float):

@@ -31,16 +31,15 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .compile import compile_module
-from .autotune import candidate_settings, fastest
+from .autotune import candidate_settings, fastest, synchronize  # (synchronize: the bench's timing too)
 from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, check_amp_speed
 from .repair import repair_layout
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'REPAIRED', 'MODES', 'COLUMNS', 'BenchError', 'BenchRunError', 'resolve_device', 'supported_precisions',
-           'default_precisions', 'check_precisions', 'device_name', 'synchronize', 'resolve_model', 'create_model',
-           'matmul_peak', 'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'mark_auto_choice', 'iter_bench',
-           'bench_models', 'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser',
-           'main']
+           'default_precisions', 'check_precisions', 'device_name', 'resolve_model', 'create_model', 'matmul_peak',
+           'apply_peaks', 'BenchRunner', 'TrainRunner', 'InferRunner', 'mark_auto_choice', 'iter_bench', 'bench_models',
+           'format_table', 'write_csv', 'bench_meta', 'write_json', 'plot_speedups', 'build_parser', 'main']
 
 # %% ../nbs/05_bench.ipynb #e899538a
 LAYOUTS = ('contiguous', 'channels_last')
@@ -138,13 +137,6 @@ def _dtype(precision: str) -> torch.dtype:
 def _autocast(device: torch.device, precision: str):
     "The autocast region for `precision` on `device` (none for fp32)"
     return nullcontext() if precision == 'fp32' else torch.autocast(device.type, dtype=_dtype(precision))
-
-
-def synchronize(device: torch.device):
-    "Wait for all queued work on `device` (CUDA, MPS, XPU); nothing to wait for on the CPU"
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-    elif device.type != 'cpu' and hasattr(getattr(torch, device.type, None), 'synchronize'):
-        getattr(torch, device.type).synchronize()
 
 # %% ../nbs/05_bench.ipynb #bf60248e
 def _timm_names() -> list[str]:

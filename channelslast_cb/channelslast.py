@@ -11,7 +11,6 @@ import copy
 import time
 import warnings
 from collections.abc import Mapping
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from .core import Callback
 from .guards import check_keywords
 from .fp16 import AMPMode, MixedPrecision, check_amp_speed, distributed_group, host_log, say_choice
 from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings,
-                                      check_trial_args)
+                                      check_trial_args, synchronize)
 from .learner import Learner, model_device
 from .repair import LayoutFixes, repair_layout
 
@@ -128,15 +127,6 @@ def _image_shapes(b) -> tuple[bool, list]:
         found, shapes = found or f, shapes + s
     return found, shapes
 
-
-def _synchronizer(model: nn.Module):
-    "A function that waits for the device `model` is on (None on the CPU, where work is synchronous)"
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device('cpu')
-    if dev.type == 'cpu': return None
-    if dev.type == 'cuda': return partial(torch.cuda.synchronize, dev)
-    return getattr(getattr(torch, dev.type, None), 'synchronize', None)
-
 # %% ../nbs/03_channelslast.ipynb #c978352e
 class ChannelsLast(Callback):
     "Train in the channels-last memory format: convert the model in `before_fit` and the inputs `xb` in `before_batch`"
@@ -166,7 +156,7 @@ class ChannelsLast(Callback):
         self.decision = None         # auto: its `AutoDecision` (layout, precision, the table) once measured
         self._warned, self._check_batch = set(), False
         if auto:
-            self._t0, self._sync, self._mp, self._asked = None, None, None, None
+            self._t0, self._device, self._mp, self._asked = None, None, None, None
             self._clock = time.perf_counter
             # Instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
             self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
@@ -237,12 +227,12 @@ class ChannelsLast(Callback):
 @patch
 def _auto_before_fit(self: ChannelsLast):
     learn = self.learn
-    self._sync, self._t0 = _synchronizer(learn.model), None
+    self._device, self._t0 = model_device(learn.model), None
     self._mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
     if self.decision is None and getattr(learn, 'fitting', True):
         asked = 'fp32' if self._mp is None else self._mp.amp_mode.value  # 'auto' also decides the precision
         if self.trial is None or self._asked != asked:  # (the precision was changed between two fits: start over)
-            settings, left_out = candidate_settings(model_device(learn.model), asked)
+            settings, left_out = candidate_settings(self._device, asked)
             self.trial, self._asked = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop,
                                                 group=distributed_group(learn), left_out=left_out), asked
         self._warn_slow_amp()
@@ -267,7 +257,7 @@ def _auto_before_batch(self: ChannelsLast):
         s = self.trial.setting
         if s.layout != self.layout: self.set_layout(s.layout)
         if self._mp is not None and s.precision != self._mp.precision: self._mp.use(s.precision)
-        if self._sync is not None: self._sync()
+        synchronize(self._device)
         self._t0 = self._clock()
     if self._check_batch: self._first_batch()
     if self.layout == CHANNELS_LAST: learn.xb = _cl_batch(learn.xb)
@@ -276,7 +266,7 @@ def _auto_before_batch(self: ChannelsLast):
 @patch
 def _auto_after_step(self: ChannelsLast):
     if self._t0 is None: return
-    if self._sync is not None: self._sync()
+    synchronize(self._device)
     dt, self._t0 = self._clock() - self._t0, None
     if (d := self.trial.record(dt)) is not None: self._adopt(d)
 

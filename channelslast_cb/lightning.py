@@ -22,7 +22,7 @@ except ImportError as e:  # Lightning is optional: only this module needs it
                       f"`lightning` package, which did not import ({e}). Install it with: pip install lightning") from e
 
 from .autotune import (
-    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings, check_trial_args)
+    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings, check_trial_args, synchronize)
 from .channelslast import (
     ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
 from .fp16 import AMP_SLOW_RATIO, AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, say_choice
@@ -141,18 +141,16 @@ class ChannelsLast(Callback):
         "Give `strategy` a `batch_to_device` that returns the batch in `self.layout` (an instance attribute: ours)"
         self._unwrap_batch_to_device(strategy)  # a run that ended without teardown left it
         to_device = strategy.batch_to_device
+        def batch_to_device(*args, **kwargs):
+            batch = to_device(*args, **kwargs)
+            return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
         if self.trial is not None and self.decision is None:  # auto, measuring: a training step starts here
-            trainer, device = self._run[0], strategy.root_device
+            trainer, device, convert = self._run[0], strategy.root_device, batch_to_device
             def batch_to_device(*args, **kwargs):
                 if trainer.training:
-                    _sync(device)
+                    synchronize(device)
                     self._t0 = self._clock()
-                batch = to_device(*args, **kwargs)
-                return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
-        else:
-            def batch_to_device(*args, **kwargs):
-                batch = to_device(*args, **kwargs)
-                return to_channels_last(batch) if self.layout == CHANNELS_LAST else batch
+                return convert(*args, **kwargs)
         batch_to_device.channels_last, batch_to_device.wrapped = self, to_device
         strategy.batch_to_device = batch_to_device
 
@@ -191,10 +189,6 @@ def _ddp_group():
     return dist.group.WORLD
 
 
-def _sync(device: torch.device):
-    if device.type != 'cpu': torch.accelerator.synchronize(device)  # timings of queued work mean nothing
-
-
 @patch
 def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule):
     "Start (or go on with) the trial: the module in the layout of its next step, the timing `batch_to_device`"
@@ -216,7 +210,7 @@ def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModul
 @patch
 def _record_step(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule):
     "The training step just ended: give its time to the trial, then put the module in the next step's layout"
-    _sync(trainer.strategy.root_device)
+    synchronize(trainer.strategy.root_device)
     seconds, self._t0 = self._clock() - self._t0, None
     if (d := self.trial.record(seconds)) is not None: return self._adopt(trainer, pl_module, d)
     if (want := self.trial.setting.layout) != self.layout: self.set_layout(trainer, pl_module, want)

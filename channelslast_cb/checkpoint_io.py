@@ -24,7 +24,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['CKPT_EXT', 'checkpoint_path', 'stale_temp_files', 'atomic_save', 'CheckpointError', 'read_checkpoint', 'unwrap_model',
            'check_model_state', 'opt_name', 'check_opt_state', 'rng_states', 'set_rng_states', 'learner_state',
-           'load_states', 'on_rank0', 'epoch_checkpoints', 'decided_on_rank0', 'all_ranks_succeeded']
+           'load_states', 'decided_on_rank0', 'on_rank0', 'epoch_checkpoints', 'all_ranks_succeeded']
 
 # %% ../nbs/00d_checkpoint_io.ipynb #3067ff27
 CKPT_EXT = '.pth'
@@ -263,18 +263,32 @@ def _rank() -> int:
     return int(os.environ.get('RANK', 0))  # launched by torchrun, before the process group is set up
 
 
+def _world() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def decided_on_rank0(decide: Callable[[], object],  # returns something picklable: it goes to the other ranks
+                     group=None,                     # the process group (None: the default one, if any)
+                     what: str = 'decide'):          # what rank 0 did, for the other ranks' error
+    "What `decide()` returns on rank 0, on every rank of the process group; an error in it raises on every rank"
+    if group is None and _world() == 1: return decide()
+    if group is not None and dist.get_world_size(group) == 1: return decide()
+    val, err = None, None
+    if (_rank() if group is None else dist.get_rank(group)) == 0:
+        try: val = decide()
+        except Exception as e: err = e
+    msg = [val, None if err is None else f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(msg, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    if err is not None: raise err
+    if msg[1] is not None: raise RuntimeError(f"Rank 0 failed to {what}: {msg[1]}")
+    return msg[0]
+
+
 def on_rank0(write: Callable[[], None],  # writes the file
              sync: bool = False):        # every rank calls this at the same point: wait for rank 0, share its error
     "Run `write` on rank 0 only; with `sync`, the other ranks wait until it is done and raise if it failed"
-    err = None
-    if _rank() == 0:
-        try: write()
-        except Exception as e: err = e
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        msg = [None if err is None else f"{type(err).__name__}: {err}"]
-        dist.broadcast_object_list(msg, src=0)  # also the barrier: no rank reads the file before rank 0 renamed it
-        if err is None and msg[0] is not None: raise RuntimeError(f"Rank 0 failed to write the checkpoint: {msg[0]}")
-    if err is not None: raise err
+    # the broadcast is also the barrier: no rank reads the file before rank 0 renamed it
+    if sync and _world() > 1: decided_on_rank0(write, what='write the checkpoint')
+    elif _rank() == 0: write()
 
 # %% ../nbs/00d_checkpoint_io.ipynb #a359e7c4
 def epoch_checkpoints(fname: str | os.PathLike,  # the `fname` of `SaveModelCallback(every_epoch=True)`
@@ -288,25 +302,6 @@ def epoch_checkpoints(fname: str | os.PathLike,  # the `fname` of `SaveModelCall
                   key=lambda t: t[0], reverse=True)
 
 # %% ../nbs/00d_checkpoint_io.ipynb #b16db04e
-def _world() -> int: return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def decided_on_rank0(decide: Callable[[], object],  # returns something picklable: it goes to the other ranks
-                     group=None):                    # the process group (None: the default one, if any)
-    "What `decide()` returns on rank 0, on every rank of the process group; an error in it raises on every rank"
-    if group is None and _world() == 1: return decide()
-    if group is not None and dist.get_world_size(group) == 1: return decide()
-    val, err = None, None
-    if (_rank() if group is None else dist.get_rank(group)) == 0:
-        try: val = decide()
-        except Exception as e: err = e
-    msg = [val, None if err is None else f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(msg, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-    if err is not None: raise err
-    if msg[1] is not None: raise RuntimeError(f"Rank 0 failed to decide: {msg[1]}")
-    return msg[0]
-
-
 def all_ranks_succeeded(err: Exception | None,  # this rank's failure, or None
                         what: str):              # what every rank did, for the message
     "Raise on every rank of the process group if `what` failed on any of them"

@@ -211,24 +211,29 @@ _FLAG_NAMES = {AMPMode.FP16: ('float16', 'AVX512-FP16 or AMX-FP16', 'torch.ops.m
 
 
 def slow_amp_message(speed: AMPSpeed,  # a slow measurement, from `amp_speed`
-                     context: str = ''  # what the slowness means where the warning comes from
+                     context: str = '', # what the slowness means where the warning comes from
+                     named: str | None = None,    # how the user asked for the mode; None: "bf16 mixed precision"
+                     instead: str | None = None,  # what to do instead; None: the `learn.to_...()` to call
+                     stays: str | None = None     # what happens to the mode now; None: it stays, as asked
                     ) -> str:
     "Say that `speed.mode` trains much slower than fp32, by how much, why the flags did not tell, and what to use"
     mode = speed.mode
-    other = AMPMode.BF16 if mode is AMPMode.FP16 else AMPMode.FP16
-    alt = amp_speed(other, speed.device_type)
     name, units, flag = _FLAG_NAMES[mode]
     why = {True: f"This CPU's flags promise native {name} ({flag} is True), but the kernels torch runs for it here "
                  f"(the convolution's backward pass above all) are slow: flags alone do not tell.",
            False: f"This CPU has no native {name} arithmetic ({units}), so torch computes it the slow way.",
            None: f"(torch cannot tell whether this CPU has native {name} arithmetic.)"}[speed.native]
-    use = (f"Use learn.to_{other}() instead ({other} measured {alt.ratio:.2f}x fp32's time here), or learn.to_fp32()"
-           if alt is not None and not alt.slow else "Use learn.to_fp32() instead" +
-           ('' if alt is None else f" ({other} is slow here too: {alt.ratio:.1f}x)"))
-    return (f"{mode} mixed precision trains much slower than fp32 on this CPU: a probe training step (3x3 convolution, "
-            f"BatchNorm, ReLU; forward and backward) took {'at least ' if speed.capped else ''}{speed.ratio:.1f}x "
-            f"fp32's time (warned above {AMP_SLOW_RATIO:g}x). {why} {use}. {context}The precision stays {mode} as "
-            f"asked; silence this with warnings.simplefilter('ignore', AMPSpeedWarning).")
+    if instead is None:  # the other 16-bit mode if it is fast here, else float32
+        other = AMPMode.BF16 if mode is AMPMode.FP16 else AMPMode.FP16
+        alt = amp_speed(other, speed.device_type)
+        instead = (f"Use learn.to_{other}() instead ({other} measured {alt.ratio:.2f}x fp32's time here), or "
+                   f"learn.to_fp32()" if alt is not None and not alt.slow else "Use learn.to_fp32() instead" +
+                   ('' if alt is None else f" ({other} is slow here too: {alt.ratio:.1f}x)"))
+    stays = stays or f"The precision stays {mode} as asked"
+    return (f"{named or f'{mode} mixed precision'} trains much slower than fp32 on this CPU: a probe training step "
+            f"(3x3 convolution, BatchNorm, ReLU; forward and backward) took {'at least ' if speed.capped else ''}"
+            f"{speed.ratio:.1f}x fp32's time (warned above {AMP_SLOW_RATIO:g}x). {why} {instead}. {context}{stays}; "
+            f"silence this with warnings.simplefilter('ignore', AMPSpeedWarning).")
 
 
 def check_amp_speed(amp_mode: str | AMPMode,       # 'fp16' or 'bf16'

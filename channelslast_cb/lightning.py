@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import warnings
 
-import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 
@@ -25,7 +24,7 @@ from .autotune import (
     AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings, check_trial_args, synchronize)
 from .channelslast import (
     ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
-from .fp16 import AMP_SLOW_RATIO, AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, say_choice
+from .fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, say_choice, slow_amp_message
 from .guards import check_bool
 from .repair import LayoutFixes, repair_layout
 
@@ -166,12 +165,10 @@ def slow_precision_message(speed: AMPSpeed,  # a slow measurement of the Trainer
                            precision: str    # the Trainer's precision, as Lightning names it ('bf16-mixed')
                           ) -> str:
     "Say that the Trainer's `precision` trains much slower than fp32 here, by how much, and what to pass instead"
-    also = " (it is also what Lightning runs for precision='16-mixed' on a CPU)" if speed.mode is AMPMode.BF16 else ''
-    return (f"Trainer(precision={precision!r}){also} trains much slower than fp32 on this CPU: a probe training step "
-            f"in {speed.mode} autocast (3x3 convolution, BatchNorm, ReLU; forward and backward; "
-            f"channelslast_cb.fp16.amp_speed) took {'at least ' if speed.capped else ''}{speed.ratio:.1f}x fp32's time "
-            f"(warned above {AMP_SLOW_RATIO:g}x). Pass precision='32-true' to the Trainer instead. ChannelsLast leaves "
-            f"the precision as you set it; silence this with warnings.simplefilter('ignore', AMPSpeedWarning).")
+    also = "; it is also what Lightning runs for precision='16-mixed' on a CPU" if speed.mode is AMPMode.BF16 else ''
+    return slow_amp_message(speed, named=f"Trainer(precision={precision!r}) ({speed.mode} autocast{also})",
+                            instead="Pass precision='32-true' to the Trainer instead",
+                            stays="ChannelsLast leaves the precision as you set it")
 
 
 def trainer_amp_mode(trainer: Trainer) -> AMPMode | None:

@@ -158,7 +158,9 @@ class ChannelsLast(Callback):
             del strategy.batch_to_device
 
 # %% ../nbs/10_lightning.ipynb #e6cf1188
-_LIGHTNING_AMP = {'bf16-mixed': AMPMode.BF16, '16-mixed': AMPMode.FP16}  # Lightning's mixed precision names
+# Lightning's precision names -> this package's precisions; its autocast ('-mixed') ones -> their `AMPMode`
+_LIGHTNING_PRECISION = {'32-true': 'fp32', 'bf16-mixed': 'bf16', '16-mixed': 'fp16', 'bf16-true': 'bf16', '16-true': 'fp16'}
+_LIGHTNING_AMP = {k: AMPMode(v) for k, v in _LIGHTNING_PRECISION.items() if k.endswith('-mixed')}
 
 
 def slow_precision_message(speed: AMPSpeed,  # a slow measurement of the Trainer's mixed precision mode, from `amp_speed`
@@ -177,9 +179,6 @@ def trainer_amp_mode(trainer: Trainer) -> AMPMode | None:
     return _LIGHTNING_AMP.get(plugin.precision) if isinstance(plugin, LightningMixedPrecision) else None
 
 # %% ../nbs/10_lightning.ipynb #c35e97ac
-_TRIAL_PRECISION = {'32-true': 'fp32', 'bf16-mixed': 'bf16', '16-mixed': 'fp16', 'bf16-true': 'bf16', '16-true': 'fp16'}
-
-
 def _ddp_group():
     "The process group of a distributed run (every rank then times and decides alike), or None for one process"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2: return None
@@ -190,7 +189,7 @@ def _ddp_group():
 def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModule):
     "Start (or go on with) the trial: the module in the layout of its next step, the timing `batch_to_device`"
     if self.trial is None:
-        precision = _TRIAL_PRECISION.get(trainer.precision)
+        precision = _LIGHTNING_PRECISION.get(trainer.precision)
         if precision is None:
             warnings.warn(f"ChannelsLast(auto=True) times the layouts under the Trainer's precision, and the package's "
                           f"decision knows float32, bf16 and fp16, not Trainer(precision={trainer.precision!r}): it "

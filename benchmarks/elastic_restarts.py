@@ -103,9 +103,8 @@ def main():
     ap.add_argument('--rdzv', nargs='+', default=['static', 'standalone', 'nodes'], choices=['static', 'standalone', 'nodes'])
     ap.add_argument('--limit', type=float, default=180, help='seconds before a launch counts as hung')
     args = ap.parse_args()
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')),
-               platform.machine()) if os.path.exists('/proc/cpuinfo') else platform.machine()
-    print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
+    from channelslast_cb.bench import device_name
+    print(f"{datetime.date.today()}, {device_name('cpu')}, {os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
     import torch
     print(f"torch {torch.__version__}, gloo, 2 processes, torchrun --max-restarts 1, one process SIGKILLed", flush=True)
     rows = []

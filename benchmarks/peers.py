@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -230,13 +229,6 @@ def variants(args, batch):
     return v
 
 
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='resnet18')
@@ -277,12 +269,13 @@ def main(argv=None):
             rounds[name].append(statistics.median(t))
         log(f'round {i + 1}/{args.rounds}: ' + ', '.join(f'{n.split(":")[0][:24]} {rounds[n][-1] * 1e3:.0f}' for n in names))
     load1 = os.getloadavg()
+    from channelslast_cb.bench import device_name  # (here: no import of ours before the variants are set up)
     med = lambda xs: statistics.median(xs)
     # the best plain setting: the plain loop with the lowest median step, chosen once (a per-round minimum over the
     # plain loops would pick each round's luckiest one, and read every other variant slower than it is)
     best = min((n for n in names if n.startswith('plain loop')), key=lambda n: med(rounds[n]))
     lines = [f"`benchmarks/peers.py {' '.join(sys.argv[1:] if argv is None else argv)}`: timm `{args.model}`, "
-             f"{args.img_size} px, batch {args.batch_size}, SGD; {cpu_name()}, {torch.get_num_threads()} threads, "
+             f"{args.img_size} px, batch {args.batch_size}, SGD; {device_name('cpu')}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, Python {platform.python_version()}; "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {(time.time() - t0) / 60:.0f} min; "
              f"load average {load0[0]:.1f} before, {load1[0]:.1f} after. {args.rounds} rounds x {args.steps} timed "

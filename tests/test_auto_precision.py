@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import channelslast_cb.fp16 as fp16
-from channelslast_cb.autotune import CHANNELS_LAST, CONTIGUOUS, LAYOUTS, Setting, candidate_settings
+from channelslast_cb.autotune import CHANNELS_LAST, CONTIGUOUS, Setting, candidate_settings
 from channelslast_cb.channelslast import ChannelsLast
 from channelslast_cb.core import Callback
 from channelslast_cb.fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, MixedPrecision, decide_amp

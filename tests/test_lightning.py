@@ -26,7 +26,7 @@ from channelslast_cb.audit import layout_report
 from channelslast_cb.channelslast import ChannelsLastWarning
 from channelslast_cb.fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed
 from channelslast_cb.lightning import ChannelsLast
-from helpers import synth_images, tiny_cnn_no_conv_bias
+from helpers import tiny_cnn_no_conv_bias
 from lightning_helpers import AtTrainStart, Classifier, StepClock, checksum, cl, loader, trainer
 from test_distributed import torchrun
 

@@ -12,6 +12,7 @@ from .recorder import *
 from .learner import *
 from .fp16 import *
 from .autotune import *
+from .decide import *
 from .repair import *
 from .channelslast import *
 from .audit import *

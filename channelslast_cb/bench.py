@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .compile import compile_module
-from .autotune import candidate_settings, fastest, synchronize  # (synchronize: the bench's timing too)
-from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, check_amp_speed
+from .autotune import fastest, synchronize  # (synchronize: the bench's timing too)
+from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, candidate_settings, check_amp_speed
 from .repair import repair_layout
 
 # %% auto #0

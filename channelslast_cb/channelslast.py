@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from .core import Callback
 from .guards import check_keywords
-from .fp16 import AMPMode, MixedPrecision, check_amp_speed, distributed_group, host_log, say_choice
-from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings,
+from .fp16 import (AMPMode, MixedPrecision, candidate_settings, check_amp_speed, distributed_group,
+                                  host_log, install_host, say_choice)
+from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, LAYOUTS, AutoDecision,
                                       check_trial_args, synchronize)
+from .decide import TrialRun
 from .learner import Learner, model_device
 from .repair import LayoutFixes, repair_layout
 
@@ -152,14 +154,15 @@ class ChannelsLast(Callback):
         self.auto, self.warmup, self.block, self.rounds, self.drop = auto, warmup, block, rounds, drop
         check_trial_args(warmup, block, rounds, drop)  # a bad window is refused at once, not at the first fit
         self.layout = CHANNELS_LAST  # the layout the model and inputs are in: changed only by the automatic choice
-        self.trial = None            # auto: the `StepTrial` timing the first training steps
-        self.decision = None         # auto: its `AutoDecision` (layout, precision, the table) once measured
+        self.decider = None              # the `TrialRun` deciding on the first training steps (auto, or an 'auto' precision)
+        self.decision = None         # its `AutoDecision` (layout, precision, the table) once decided (measured, cached, loaded)
+        self.decides_precision = False  # whether the run also decides an 'auto' `MixedPrecision`'s precision
         self._warned, self._check_batch = set(), False
-        if auto:
-            self._t0, self._device, self._mp, self._asked = None, None, None, None
-            self._clock = time.perf_counter
-            # Instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
-            self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
+        self._t0, self._device, self._mp, self._asked = None, None, None, None
+        self._clock = time.perf_counter
+        self._timeable = not {'before_batch', 'after_step'} & set(handlers)  # the user's own handlers stay theirs
+        # While deciding, instance handlers replace the class's: the fixed-layout `before_batch` stays free of timing code
+        if auto: self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
 
     def __repr__(self): return f"ChannelsLast(auto={self.auto}, layout={self.layout!r}{', repair=True' * self.repair})"
 
@@ -204,7 +207,9 @@ class ChannelsLast(Callback):
                        f"training stays correct, but each batch pays a layout conversion. Remove it with "
                        f"learn.to_contiguous(), or ignore this if the model convolves through functional calls.")
         if self.repair: self.repair_model()  # the model may have been replaced since
-        if self.auto: self._auto_before_fit()
+        if self.auto or self.decider is not None or any(isinstance(cb, MixedPrecision) and cb.amp_mode is AMPMode.AUTO
+                                                        for cb in self.learn.cbs):
+            self._auto_before_fit()  # auto, or the default 'auto' precision on a CPU: decide on the first steps
         self.set_layout(self.layout)
         self._check_batch = 'inputs' not in self._warned
 
@@ -221,44 +226,80 @@ class ChannelsLast(Callback):
         self.learn.xb = _cl_batch(self.learn.xb)
 
     def after_fit(self):
-        if self.auto: self._auto_after_fit()  # says so when a fit ended before the measurement did
+        if self.decider is not None: self._auto_after_fit()  # says so when a fit ended before the decision
+
+    @property
+    def trial(self):
+        "The `StepTrial` timing the first training steps (None when none runs)"
+        return None if self.decider is None else self.decider.trial
+
+    def state_dict(self) -> dict:
+        "The layout and the decision, for checkpoints: a resumed run trains in them without measuring"
+        return {'layout': self.layout, 'decision': None if self.decision is None else self.decision.to_record()}
+
+    def load_state_dict(self, state: dict):
+        "Take a checkpoint's layout and decision (no measuring again)"
+        if state.get('decision'): self.decision, self.decider = AutoDecision.from_record(state['decision'], 'checkpoint'), None
+        if self.auto and state.get('layout') in LAYOUTS: self.layout = state['layout']  # auto's choice; else channels-last
+        if isinstance(getattr(self.learn, 'model', None), nn.Module): self.set_layout(self.layout)
+
+    def __setstate__(self, state: dict):
+        "Unpickled (fastai's `load_learner`): install the fastai integration the callbacks need"
+        self.__dict__.update(state)
+        install_host(state.get('learn'))
 
 # %% ../nbs/03_channelslast.ipynb #3b41a81a
 @patch
 def _auto_before_fit(self: ChannelsLast):
+    "Start (or go on with) the decision on the first training steps: `auto`'s layouts, and an undecided 'auto' precision on a CPU"
     learn = self.learn
     self._device, self._t0 = model_device(learn.model), None
-    self._mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
-    if self.decision is None and getattr(learn, 'fitting', True):
-        asked = 'fp32' if self._mp is None else self._mp.amp_mode.value  # 'auto' also decides the precision
-        if self.trial is None or self._asked != asked:  # (the precision was changed between two fits: start over)
+    mp = self._mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+    open_precision = (mp is not None and mp.amp_mode is AMPMode.AUTO and mp._kept is None and mp.decision is None
+                      and self._device.type == 'cpu')  # CUDA: fp16 as fastai, no measuring
+    open_precision = open_precision and self._timeable
+    if self.decision is None and (self.auto or open_precision) and getattr(learn, 'fitting', True):
+        asked = ('fp32' if mp is None else 'auto' if open_precision else
+                 mp._kept[1] if mp.amp_mode is AMPMode.AUTO and mp._kept else mp.precision or mp.amp_mode.value)
+        if self.decider is None or self._asked != asked:  # (the precision was changed between two fits: start over)
             settings, left_out = candidate_settings(self._device, asked)
-            self.trial, self._asked = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop,
-                                                group=distributed_group(learn), left_out=left_out), asked
+            self.decider = TrialRun(settings, self._device, None if self.auto else lambda s: s.layout == CHANNELS_LAST,
+                                left_out, distributed_group(learn), warmup=self.warmup, block=self.block,
+                                rounds=self.rounds, drop=self.drop)
+            self._asked = asked
+        self.decides_precision = asked == 'auto'
+        self.before_batch, self.after_step = self._auto_before_batch, self._auto_after_step
         self._warn_slow_amp()
+    else:
+        if self._timeable:
+            for k in ('before_batch', 'after_step'): self.__dict__.pop(k, None)  # the plain handlers of the class
+        self.decides_precision = False
+    self._refresh_handlers()
 
 
 @patch
 def _warn_slow_amp(self: ChannelsLast):
     "Warn if the measuring steps will run under a mixed precision mode the user fixed and the probe measured slow"
     mp = self._mp
-    if mp is None or mp.amp_mode is AMPMode.AUTO: return  # 'auto' times no mode the probe measured slow
-    n = (self.warmup + self.block) * len(self.trial.alive)
+    if mp is None or mp.amp_mode is AMPMode.AUTO or not self.auto: return  # 'auto' times no mode the probe measured slow
+    n = (self.warmup + 1) * len(self.decider.settings)
     check_amp_speed(mp.amp_mode, model_device(self.learn.model),
-                    f"ChannelsLast(auto=True) times its measuring steps ({n} per round) in this mode: expect them to "
-                    f"take about that many times as long as in fp32, and its layout choice to be made for a mode you "
-                    f"may not keep. ", key='auto')
+                    f"ChannelsLast(auto=True) times its measuring steps ({n} in its first round) in this mode: expect "
+                    f"them to take about that many times as long as in fp32, and its layout choice to be made for a mode "
+                    f"you may not keep. ", key='auto')
 
 
 @patch
 def _auto_before_batch(self: ChannelsLast):
-    learn = self.learn
+    learn, run = self.learn, self.decider
     if self.decision is None and learn.training:
-        s = self.trial.setting
-        if s.layout != self.layout: self.set_layout(s.layout)
-        if self._mp is not None and s.precision != self._mp.precision: self._mp.use(s.precision)
-        synchronize(self._device)
-        self._t0 = self._clock()
+        if run.trial is None and (d := run.start(learn.model, learn.xb)) is not None: self._adopt(d)
+        else:
+            s = run.setting
+            if s.layout != self.layout: self.set_layout(s.layout)
+            if self._mp is not None and s.precision != self._mp.precision: self._mp.use(s.precision)
+            synchronize(self._device)
+            self._t0 = self._clock()
     if self._check_batch: self._first_batch()
     if self.layout == CHANNELS_LAST: learn.xb = _cl_batch(learn.xb)
 
@@ -268,7 +309,7 @@ def _auto_after_step(self: ChannelsLast):
     if self._t0 is None: return
     synchronize(self._device)
     dt, self._t0 = self._clock() - self._t0, None
-    if (d := self.trial.record(dt)) is not None: self._adopt(d)
+    if (d := self.decider.record(dt)) is not None: self._adopt(d)
 
 
 @patch
@@ -276,18 +317,23 @@ def _adopt(self: ChannelsLast, d):
     "Train in the setting `d` kept from now on, say it once, and drop the measuring handlers"
     self.decision = d
     self.set_layout(d.layout)
-    if self._mp is not None: self._mp.use(d.precision, keep=True)  # later fits too, not the probe's choice
+    mp = self._mp
+    if mp is not None and mp.amp_mode is AMPMode.AUTO: mp.use(d.precision, keep=True)  # later fits too
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # one decision: said once
-        say_choice(f"ChannelsLast(auto): {d}", self._log)
-    del self.before_batch, self.after_step  # from the next batch on: the fixed-layout `before_batch`, or none (`handler`)
-    self._refresh_handlers()
+        if self.auto: say_choice(f"ChannelsLast(auto): {d}", self._log)
+        else:
+            hint = ". learn.to_channelslast(auto=True) would keep it" if d.notes else ''
+            say_choice(f"to_channelslast: amp_mode='auto' trains {type(self.learn.model).__name__} in {d.precision} "
+                       f"on {self._device.type}: {d}{hint}", self._log)
+    for k in ('before_batch', 'after_step'): self.__dict__.pop(k, None)
+    self._refresh_handlers()  # from the next batch on: the fixed-layout `before_batch`, or none (`handler`)
 
 
 @patch
 def _auto_after_fit(self: ChannelsLast):
-    if self.decision is None and self.trial is not None and getattr(self.learn, 'fitting', True):
-        self.trial.interrupt()
-        self._log(f"ChannelsLast(auto): the fit ended after {self.trial.steps} measuring steps, before the decision; "
+    if self.decision is None and self.decider.trial is not None and getattr(self.learn, 'fitting', True):
+        self.decider.interrupt()
+        self._log(f"ChannelsLast: the fit ended after {self.decider.trial.steps} measuring steps, before the decision; "
                   f"the model stays {self.layout} for now, and the next fit goes on measuring")
 
 # %% ../nbs/03_channelslast.ipynb #fb99bfe5

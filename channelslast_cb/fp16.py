@@ -14,7 +14,10 @@ import platform
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+import importlib
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 
@@ -24,15 +27,17 @@ from fastcore.meta import delegates
 from fastcore.basics import patch
 from torch import nn
 
+from .autotune import AutoDecision, CHANNELS_LAST, CONTIGUOUS, LAYOUTS, PRECISIONS, Setting, synchronize
 from .checkpoint_io import decided_on_rank0
 from .core import Callback, CancelStepException
+from .decide import TrialRun
 from .learner import Learner, model_device
 
 # %% auto #0
-__all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'PRECISIONS', 'SAY_CHOICES', 'AMPMode', 'cpu_native', 'autocast_supported',
-           'AMPSpeedWarning', 'AMPSpeed', 'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed',
-           'check_amp_support', 'say_choice', 'AMPChoice', 'decide_amp', 'to_float32', 'SkippedStepsWarning',
-           'host_log', 'distributed_group', 'MixedPrecision']
+__all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'SAY_CHOICES', 'AMPMode', 'cpu_native', 'autocast_supported', 'AMPSpeedWarning',
+           'AMPSpeed', 'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed', 'check_amp_support',
+           'say_choice', 'AMPChoice', 'screen_precisions', 'candidate_settings', 'decide_amp', 'to_float32',
+           'SkippedStepsWarning', 'host_log', 'distributed_group', 'MixedPrecision', 'is_channels_last', 'install_host']
 
 # %% ../nbs/02_fp16.ipynb #33f47e74
 class AMPMode(str, Enum):
@@ -274,7 +279,6 @@ def check_amp_support(amp_mode: str | AMPMode,      # 'fp16' or 'bf16'
     return mode
 
 # %% ../nbs/02_fp16.ipynb #b7a1d002
-PRECISIONS = ('fp32', 'bf16', 'fp16')  # what can be in force: float32 (no autocast) or one of the two 16-bit modes
 SAY_CHOICES = True  # print the one line that says what `amp_mode='auto'` (and `auto=True`) chose; False: silent
 
 
@@ -286,46 +290,71 @@ def say_choice(msg: str,              # one line: what was chosen, and why
 
 @dataclass(frozen=True)
 class AMPChoice:
-    "What `amp_mode='auto'` trains in on `device_type`, and why"
-    device_type: str      # where the model is: 'cpu', 'cuda', ...
-    precision: str        # 'fp32' (no autocast), 'bf16' or 'fp16'
-    reason: str           # why, in one sentence
-    speeds: tuple = ()    # the `AMPSpeed`s measured on a CPU
+    "What `amp_mode='auto'` trains in on `device_type` before any training step, and why"
+    device_type: str             # where the model is: 'cpu', 'cuda', ...
+    precision: str | None        # 'fp32' (no autocast), 'bf16' or 'fp16'; None: timed on the model's own first steps
+    reason: str                  # why, in one sentence
+    speeds: tuple = ()           # the `AMPSpeed`s the probe measured on a CPU
+    candidates: tuple = ()       # precision None: the precisions worth timing, in order of preference
+    left_out: dict = field(default_factory=dict)  # precision -> why it is not timed (the probe's screen)
 
     @property
     def mode(self) -> AMPMode | None:
-        "The 16-bit `AMPMode` chosen, or None for float32"
-        return None if self.precision == 'fp32' else AMPMode(self.precision)
+        "The 16-bit `AMPMode` chosen, or None for float32 (or not chosen yet)"
+        return None if self.precision in (None, 'fp32') else AMPMode(self.precision)
 
     def __str__(self):
+        if self.precision is None: return f"amp_mode='auto' on {self.device_type}: {self.reason}"
         return f"amp_mode='auto' trains in {self.precision} on {self.device_type}: {self.reason}"
 
 
-def _cpu_choice() -> AMPChoice:
-    speeds = tuple(s for m in (AMPMode.BF16, AMPMode.FP16) if (s := amp_speed(m, 'cpu')) is not None)
-    said = ', '.join(f"{s.mode} {'at least ' if s.capped else ''}{s.ratio:.2f}x" for s in speeds)
-    fast = [s for s in speeds if s.ratio < 1]  # faster than fp32: a 16-bit mode that is not is never used
-    if not fast:
-        why = (f"no 16-bit mode trains faster than fp32 on this CPU (measured {said} fp32's step time)" if speeds
-               else "torch's CPU autocast computes in neither float16 nor bfloat16 here")
-        return AMPChoice('cpu', 'fp32', why, speeds)
-    best = min(fast, key=lambda s: s.ratio)
-    return AMPChoice('cpu', best.mode.value, f"it trains fastest on this CPU (measured {said} fp32's step time)", speeds)
+def screen_precisions(device: str | torch.device  # where the model trains
+                     ) -> tuple[list[str], dict]:
+    "The precisions worth timing on `device`, in order of preference (a later one kept only when clearly faster), and those left out with why"
+    dt = torch.device(device).type
+    if dt == 'cuda': return ['fp16', 'fp32'], {'bf16': 'fp16 is the mode for CUDA'}
+    if dt != 'cpu':
+        p = next((m.value for m in (AMPMode.FP16, AMPMode.BF16) if autocast_supported(m, dt)[0]), 'fp32')
+        return list(dict.fromkeys([p, 'fp32'])), {}
+    keep, out = ['fp32'], {}  # float32 first: a 16-bit mode must earn its place on the model's own steps
+    for m in (AMPMode.BF16, AMPMode.FP16):
+        speed = amp_speed(m, dt)  # the probe, once per process: a mode it measured much slower is never timed
+        if speed is None: out[m.value] = "torch's CPU autocast does not compute in it"
+        elif speed.slow: out[m.value] = f"probe {'at least ' if speed.capped else ''}{speed.ratio:.1f}x fp32's step time"
+        else: keep.append(m.value)
+    return keep, out
+
+
+def candidate_settings(device: str | torch.device,          # where the model trains
+                       precision: str | AMPMode = 'auto',   # 'auto': decide it too; 'fp32', 'bf16', 'fp16': keep it
+                       layouts: Iterable[str] = LAYOUTS     # the layouts to time, in order of preference
+                      ) -> tuple[list[Setting], dict[str, str]]:
+    "The settings worth timing on `device` (in order of preference), and the precisions left out (with why)"
+    precision = str(AMPMode(precision)) if precision != 'fp32' else 'fp32'
+    precisions, left_out = screen_precisions(device) if precision == 'auto' else ([precision], {})
+    return [Setting(l, p) for p in precisions for l in layouts], left_out
 
 
 def _choice(dt: str) -> AMPChoice:
-    if dt == 'cpu': return _cpu_choice()
+    keep, out = screen_precisions(dt)
     if dt == 'cuda': return AMPChoice('cuda', 'fp16', "fp16 with a GradScaler runs on every CUDA GPU's fast path (as "
                                                       "fastai's default); bf16 only when asked")
-    p = next((m.value for m in (AMPMode.FP16, AMPMode.BF16) if autocast_supported(m, dt)[0]), 'fp32')
-    return AMPChoice(dt, p, f"the first mode {dt}'s autocast computes in" if p != 'fp32' else
-                     f"{dt}'s autocast computes in neither float16 nor bfloat16")
+    if dt != 'cpu': return AMPChoice(dt, keep[0], f"the first mode {dt}'s autocast computes in" if keep[0] != 'fp32'
+                                     else f"{dt}'s autocast computes in neither float16 nor bfloat16")
+    speeds = tuple(s for m in (AMPMode.BF16, AMPMode.FP16) if (s := AMP_SPEEDS.get(('cpu', m))) is not None)
+    said = ', '.join(f"{s.mode} {'at least ' if s.capped else ''}{s.ratio:.2f}x" for s in speeds)
+    if keep == ['fp32']:
+        why = (f"no 16-bit mode is worth a training step on this CPU (the probe measured {said} fp32's step time)"
+               if speeds else "torch's CPU autocast computes in neither float16 nor bfloat16 here")
+        return AMPChoice('cpu', 'fp32', why, speeds, ('fp32',), out)
+    return AMPChoice('cpu', None, f"{' and '.join(keep)} are timed on the model's own first training steps (probe: "
+                     f"{said} fp32's step time)", speeds, tuple(keep), out)
 
 
 def decide_amp(device: str | torch.device,  # where the model is
                group=None                   # DDP: the process group, whose ranks all take rank 0's choice; None: alone
               ) -> AMPChoice:
-    "The precision `amp_mode='auto'` trains in on `device`: fp16 on CUDA, the measured fastest on a CPU, never a slower one"
+    "What `amp_mode='auto'` knows before a step: fp16 on CUDA, float32 on a CPU whose 16-bit modes the probe rules out, else the precisions to time"
     dt = torch.device(device).type
     if group is None: return _choice(dt)
     return decided_on_rank0(lambda: _choice(dt), group)  # rank 0 measures; every rank trains as it chose
@@ -437,6 +466,9 @@ class MixedPrecision(Callback):
         self.choice = None        # 'auto': the `AMPChoice` behind `precision`
         self._agreed = False      # 'auto': whether `choice` is the one every DDP rank took
         self._kept = None         # 'auto': (device type, precision) decided on real training steps (`use(keep=True)`)
+        self.decision = None      # 'auto' alone: the `AutoDecision` of its own trial (or a checkpoint's)
+        self._run = None          # 'auto' alone: the `TrialRun` timing the precisions on the first training steps
+        self._clock = time.perf_counter  # the trial's step clock (a test gives it a fake one)
         self.scaler, self.skipped_steps = None, 0
         self._epoch_steps = self._epoch_skipped = 0  # this epoch's unscaled steps, and how many of them were skipped
         self._scaler_device, self._pending_state, self._unscaled = None, None, False
@@ -478,7 +510,8 @@ class MixedPrecision(Callback):
 
     def handler(self, event_name: str):
         "No per-batch handler while training in float32 (an 'auto' choice): the loop then runs as if it were not here"
-        if self.precision == 'fp32' and event_name in _BATCH_EVENTS and (event_name != 'before_step' or self.max_grad_norm is None):
+        if (self.precision == 'fp32' and event_name in _BATCH_EVENTS and event_name not in self.__dict__  # (a trial's own)
+                and (event_name != 'before_step' or self.max_grad_norm is None)):
             return None
         return super().handler(event_name)
 
@@ -486,16 +519,16 @@ class MixedPrecision(Callback):
                device: str | torch.device | None = None,  # where the model trains; None: where its parameters are
                group=None                                 # DDP: every rank of this process group takes rank 0's choice
               ) -> str:
-        "The precision that trains on `device`: `amp_mode` itself, or for 'auto' what `decide_amp` chose (said once)"
+        "The precision that trains on `device`: `amp_mode` itself, or for 'auto' what was decided (None: timed on the first steps)"
         if self.amp_mode is not AMPMode.AUTO: return self.precision
         learn = self.learn
         device = torch.device(device) if device is not None else model_device(learn.model, getattr(learn, 'device', None))
         if self._kept is not None and self._kept[0] == device.type: self.precision = self._kept[1]
         elif self.choice is None or self.choice.device_type != device.type or (group is not None and not self._agreed):
             self.choice, self._agreed = decide_amp(device, group), group is not None
-            self.precision = p = self.choice.precision
+            self.precision = p = self.choice.precision  # None: the model's own first steps decide (a `TrialRun`)
             first = dist.get_rank(group) == 0 if group is not None else os.environ.get('RANK', '0') == '0'  # torchrun's
-            if (device.type, p) not in _said and first:  # one line per process, and under DDP from rank 0 only
+            if p is not None and (device.type, p) not in _said and first:  # one line per process, from rank 0 only
                 _said.add((device.type, p))
                 force = ("" if p != 'fp32' else " Pass amp_mode='bf16' or 'fp16' to force one.")
                 say_choice(f"MixedPrecision: {self.choice}.{force} (Silence: channelslast_cb.fp16.SAY_CHOICES = False)",
@@ -504,16 +537,19 @@ class MixedPrecision(Callback):
         return self.precision
 
     def use(self,
-            precision: str,      # 'fp32', 'bf16' or 'fp16'
-            keep: bool = False   # also for later fits (a decision taken on real training steps), not only this one
-           ):
-        "Train an 'auto' callback in `precision` from the next batch on: how `ChannelsLast(auto=True)` steers it"
+            precision: str,              # 'fp32', 'bf16' or 'fp16'
+            keep: bool = False,          # also for later fits (a decision taken on real training steps), not only this one
+            device_type: str | None = None):  # keep: the device type it was decided on (default: the model's)
+        "Train an 'auto' callback in `precision` from the next batch on: how a decision on real steps steers it"
         if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if self.amp_mode is not AMPMode.AUTO and precision != self.amp_mode.value:
             raise ValueError(f"This MixedPrecision trains in {self.amp_mode}, as asked; only amp_mode='auto' can be "
                              f"switched to {precision}")
-        device = model_device(self.learn.model)
-        if keep: self._kept = (device.type, precision)
+        model = getattr(self.learn, 'model', None)
+        device = model_device(model) if isinstance(model, nn.Module) else None
+        if keep: self._kept = (device_type or (device.type if device is not None else 'cpu'), precision)
+        if device is None or (device_type is not None and device_type != device.type):
+            return  # not attached yet (a checkpoint's decision), or decided on another device: `decide` applies it there
         was = self._idle()
         self.precision = precision
         self._enter(device)
@@ -545,7 +581,7 @@ class MixedPrecision(Callback):
     def _enter(self, device: torch.device):
         "Put `precision` in force for the rest of the fit: autocast on `device`'s type (or none), the fp16 scaler"
         learn = self.learn
-        if self.precision == 'fp32':
+        if self.precision in ('fp32', None):  # (None: undecided until the first training step sets it)
             learn.forward_context = contextlib.nullcontext  # float32: the forward pass runs without autocast
             return
         mode = check_amp_support(self.precision, device)  # raises if it cannot take effect; warns once if slow
@@ -563,6 +599,8 @@ class MixedPrecision(Callback):
         self.decide(device, distributed_group(self.learn))
         self._enter(device)
         self._handlers_changed(was)
+        if self.precision is None and not any(getattr(cb, 'decides_precision', False) for cb in self.learn.cbs):
+            self._start_trial(device)  # nobody else times the precisions (no ChannelsLast): time them here
 
     def before_train(self): self._epoch_steps = self._epoch_skipped = 0
 
@@ -618,15 +656,88 @@ class MixedPrecision(Callback):
         "Scaler state and skipped-step count (and the precision in force), for `Learner.save`"
         scaler = self.scaler.state_dict() if self.scaler is not None else self._pending_state
         return {'amp_mode': self.amp_mode.value, 'precision': self.precision, 'skipped_steps': self.skipped_steps,
-                'scaler': scaler or None}
+                'scaler': scaler or None, 'kept': list(self._kept) if self._kept else None,
+                'decision': self.decision.to_record() if self.decision is not None else None}
 
     def load_state_dict(self, state: dict):
         "Restore what `state_dict` returned (from `Learner.load`)"
         self.skipped_steps = int(state.get('skipped_steps', 0))
+        kept = state.get('kept')  # 'auto': the precision decided on real steps trains on, without measuring again
+        if self.amp_mode is AMPMode.AUTO and kept and kept[1] in PRECISIONS: self.use(kept[1], keep=True, device_type=kept[0])
+        if self.amp_mode is AMPMode.AUTO and state.get('decision'):
+            self.decision = AutoDecision.from_record(state['decision'], source='checkpoint')
         scaler = state.get('scaler')
         if self.amp_mode is AMPMode.BF16 or not scaler: return  # bf16 has no scaler; an fp16 one starts fresh
         if self.scaler is None: self._pending_state = scaler  # applied when the scaler is created, on the right device
         else: self._load_scaler_state(scaler)
+
+# %% ../nbs/02_fp16.ipynb #9fd6e59f
+def is_channels_last(model: nn.Module) -> bool:
+    "Whether `model`'s first 4-D or 5-D parameter is in the channels-last layout (its convolutions' input layout follows)"
+    p = next((p for p in model.parameters() if p.dim() in (4, 5)), None)
+    return p is not None and p.is_contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+
+
+@patch
+def _start_trial(self: MixedPrecision, device: torch.device):
+    "'auto' with no `ChannelsLast` to drive the decision: time the precisions on the first training steps, in the model's layout"
+    layout = CHANNELS_LAST if is_channels_last(self.learn.model) else CONTIGUOUS
+    if self._run is None or self._run.settings[0].layout != layout:
+        self._run = TrialRun([Setting(layout, p) for p in self.choice.candidates], device, left_out=self.choice.left_out,
+                             group=distributed_group(self.learn))
+    self.before_batch, self.after_step, self.after_fit = self._trial_before_batch, self._trial_after_step, self._trial_after_fit
+    self._t0 = None
+    self._refresh_handlers()
+
+
+@patch
+def _trial_before_batch(self: MixedPrecision):
+    learn, run = self.learn, self._run
+    if not learn.training: return
+    if run.trial is None and (d := run.start(learn.model, learn.xb)) is not None: return self._adopt(d)
+    if run.setting.precision != self.precision: self.use(run.setting.precision)
+    synchronize(model_device(learn.model))
+    self._t0 = self._clock()
+
+
+@patch
+def _trial_after_step(self: MixedPrecision):
+    MixedPrecision.after_step(self)  # the scaler's step (fp16), as without a trial
+    if self._t0 is None: return
+    synchronize(model_device(self.learn.model))
+    seconds, self._t0 = self._clock() - self._t0, None
+    if (d := self._run.record(seconds)) is not None: self._adopt(d)
+
+
+@patch
+def _adopt(self: MixedPrecision, d):
+    "Train in the precision `d` kept, from the next batch on and in later fits; say it once; drop the timing handlers"
+    self.decision = d
+    self.use(d.precision, keep=True)
+    if os.environ.get('RANK', '0') == '0':
+        say_choice(f"MixedPrecision('auto') for {type(self.learn.model).__name__}: {d}", host_log(self.learn))
+    for k in ('before_batch', 'after_step', 'after_fit'): self.__dict__.pop(k, None)
+    self._refresh_handlers()
+
+
+@patch
+def _trial_after_fit(self: MixedPrecision):
+    self._run.interrupt()  # the fit ended mid-trial: the next one goes on measuring
+
+
+@patch
+def __setstate__(self: MixedPrecision, state: dict):
+    "Unpickled (fastai's `load_learner`): the callback installs the fastai integration its autocast needs"
+    self.__dict__.update(state)
+    install_host(state.get('_learn'))
+
+
+def install_host(learn):
+    "Give `learn`'s host what our callbacks need to take effect: for a fastai `Learner`, `import channelslast_cb.fastai`"
+    # fastai's own loop never enters our autocast: a learner exported with our callbacks and loaded in a process that
+    # imported only fastai would claim bf16 and compute in float32. The import patches fastai's `Learner` class.
+    if type(learn).__module__.startswith('fastai.') and 'channelslast_cb.fastai' not in sys.modules:
+        importlib.import_module('channelslast_cb.fastai')
 
 # %% ../nbs/02_fp16.ipynb #660c3640
 @patch

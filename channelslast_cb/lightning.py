@@ -21,10 +21,11 @@ except ImportError as e:  # Lightning is optional: only this module needs it
                       f"`lightning` package, which did not import ({e}). Install it with: pip install lightning") from e
 
 from .autotune import (
-    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings, check_trial_args, synchronize)
+    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, check_trial_args, synchronize)
 from .channelslast import (
     ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
-from .fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, say_choice, slow_amp_message
+from .fp16 import (AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, candidate_settings, say_choice,
+                                  slow_amp_message)
 from .guards import check_bool
 from .repair import LayoutFixes, repair_layout
 

@@ -26,7 +26,7 @@ test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" tools/unchanged.sh "notebooks are clean (run nbdev-clean)" nbdev-clean
 	PATH="$(abspath $(BIN)):$$PATH" tools/unchanged.sh "notebooks and library in sync (run nbdev-export)" nbdev-export
 	PATH="$(abspath $(BIN)):$$PATH" tools/unchanged.sh "README.md in sync with nbs/index.ipynb (run make readme)" $(BIN)/python tools/readme.py
-	$(BIN)/nbdev-test --n-workers 2
+	CHANNELSLAST_CB_CACHE=$$(mktemp -d) $(BIN)/nbdev-test --n-workers 2
 	$(MAKE) docs
 	tools/docs/ensure_chromium.sh
 	$(BIN)/python -m pytest

@@ -333,8 +333,8 @@ def _adopt(self: ChannelsLast, d):
 def _auto_after_fit(self: ChannelsLast):
     if self.decision is None and self.decider.trial is not None and getattr(self.learn, 'fitting', True):
         self.decider.interrupt()
-        self._log(f"ChannelsLast: the fit ended after {self.decider.trial.steps} measuring steps, before the decision; "
-                  f"the model stays {self.layout} for now, and the next fit goes on measuring")
+        say_choice(f"ChannelsLast: the fit ended after {self.decider.trial.steps} measuring steps, before the decision; "
+                   f"the model stays {self.layout} for now, and the next fit goes on measuring", self._log)
 
 # %% ../nbs/03_channelslast.ipynb #fb99bfe5
 _MP_KEYS = ('init_scale', 'growth_factor', 'backoff_factor', 'growth_interval', 'enabled', 'max_grad_norm')

@@ -2,7 +2,7 @@
 
 Each rank's probe is seeded so that, alone, rank 0 would train in bf16 and rank 1 in fp32 (its probe rules bf16
 out), and each rank's step clock is injected with its own costs. Under DDP both must take one decision:
-1. `MixedPrecision()` ('auto'): rank 0's precision on every rank;
+1. `MixedPrecision()` ('auto'): rank 0's candidates, timed on real steps by every rank, one precision;
 2. `ChannelsLast(auto=True)` + `MixedPrecision()`: rank 0's candidates, timings averaged over the ranks, one setting.
 Each rank writes what it saw to `OUT/rank<r>.json`. Not collected by pytest.
 """
@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import channelslast_cb.fp16 as fp16
-from channelslast_cb.autotune import candidate_settings
 from channelslast_cb.channelslast import ChannelsLast
 from channelslast_cb.distributed import as_timeout  # noqa: F401 (also gives Learner its distrib_ctx)
-from channelslast_cb.fp16 import AMPMode, AMPSpeed, MixedPrecision, decide_amp
+from channelslast_cb.fp16 import AMPMode, AMPSpeed, MixedPrecision, candidate_settings, decide_amp
 from channelslast_cb.learner import DataLoaders, Learner
 from helpers import synth_images, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
 
@@ -43,7 +42,12 @@ def main(out: Path):
     fp16.SAY_CHOICES = False
     fp16.AMP_SPEEDS.update({('cpu', AMPMode(m)): AMPSpeed('cpu', AMPMode(m), r) for m, r in PROBE[rank].items()})
     res = dict(alone=decide_amp('cpu').precision, candidates_alone=[str(s) for s in candidate_settings('cpu')[0]])
-    learn = make_learner(MixedPrecision())
+    learn = make_learner(mp := MixedPrecision())
+    t0 = [0.]
+    def mp_clock():
+        t0[0] += COST[rank]['contiguous', mp.precision] / 2
+        return t0[0]
+    mp._clock = mp_clock
     with learn.distrib_ctx(timeout=60):
         learn.fit(1)
         res['default'] = learn.mixed_precision.precision

@@ -25,3 +25,8 @@ def tiny_cnn_no_conv_bias(seed=0):
     m = tiny_cnn(seed=seed)
     m[0].register_parameter('bias', None)
     return m
+
+
+class EmptiableTensorDataset(torch.utils.data.TensorDataset):
+    "A `TensorDataset` that fastai's `Learner.export` can empty (`new_empty`), for export tests on tensors"
+    def new_empty(self): return type(self)(*(t[:0] for t in self.tensors))

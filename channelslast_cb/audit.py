@@ -415,7 +415,7 @@ def layout_report(model: nn.Module,                 # the model to audit (left u
             hint = (" A `.view` of a channels-last tensor fails where NCHW memory would allow it: use `.reshape` (it "
                     "copies, and the audit will show that copy) or `.flatten`." if 'view size is not compatible' in str(e) else '')
             raise RuntimeError(f"The model raised inside module {audit.stack[-1] or '(model)'!r} ({type(mod).__name__}) "
-                               f"while running in channels-last: {type(e).__name__}: {e}.{hint}") from e
+                               f"while running in channels-last: {type(e).__name__}: {str(e).rstrip('.')}.{hint}") from e
         finally:
             for h in hooks: h.remove()
         training = m.training

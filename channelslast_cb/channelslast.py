@@ -8,6 +8,7 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/channelslast.html.md"""
 from __future__ import annotations
 
 import copy
+import linecache
 import time
 import warnings
 from collections.abc import Mapping
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 
 from .core import Callback
 from .guards import check_keywords
-from .fp16 import (AMPMode, MixedPrecision, candidate_settings, check_amp_speed, distributed_group,
-                                  host_log, install_host, say_choice)
+from .fp16 import (AMPMode, MixedPrecision, candidate_settings, check_amp_speed, check_float32_weights,
+                                  distributed_group, host_log, install_host, say_choice, to_float32_weights)
 from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, LAYOUTS, AutoDecision,
                                       check_trial_args, synchronize)
 from .decide import TrialRun
@@ -30,7 +31,7 @@ from .repair import LayoutFixes, repair_layout
 
 # %% auto #0
 __all__ = ['to_channels_last', 'to_contiguous_format', 'match_opt_state_layout', 'ChannelsLastWarning', 'has_conv',
-           'ChannelsLast']
+           'no_conv_message', 'explain_view_error', 'ChannelsLast']
 
 # %% ../nbs/03_channelslast.ipynb #62d84942
 _CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -115,19 +116,57 @@ class ChannelsLastWarning(UserWarning):
 
 
 def has_conv(model: nn.Module) -> bool:
-    "Whether `model` has a 2-D or 3-D convolution (plain or transposed)"
-    return any(isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) in (2, 3) for m in model.modules())
+    "Whether `model` convolves in 2-D or 3-D: a conv module (plain or transposed), or a 4-D/5-D weight (for `F.conv2d`)"
+    lazy = nn.parameter.UninitializedParameter  # a lazy module's weight has no shape yet
+    return (any(isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) in (2, 3) for m in model.modules())
+            or any(not isinstance(p, lazy) and p.dim() in (4, 5) and p.is_floating_point() for p in model.parameters()))
 
 
-def _image_shapes(b) -> tuple[bool, list]:
-    "Whether `b` holds a floating-point 4-D/5-D tensor, and the shapes of its tensors (for messages)"
-    if isinstance(b, Tensor): return b.dim() in (4, 5) and b.is_floating_point(), [tuple(b.shape)]
-    items = b.values() if isinstance(b, Mapping) else b if isinstance(b, (tuple, list)) else ()
-    found, shapes = False, []
-    for o in items:
-        f, s = _image_shapes(o)
-        found, shapes = found or f, shapes + s
-    return found, shapes
+def no_conv_message(model: nn.Module,  # the model without a 2-D or 3-D convolution
+                    remove: str        # how to remove the callback on this host
+                   ) -> str:
+    "The one warning every host gives for a model that channels-last cannot speed up, which it then leaves as it is"
+    return (f"ChannelsLast: the model ({type(model).__name__}) has no 2-D or 3-D convolution (no nn.Conv2d, nn.Conv3d "
+            f"or nn.ConvTranspose2d/3d, no 4-D or 5-D weight), so there is nothing channels-last can make faster: "
+            f"ChannelsLast leaves the model and its batches exactly as they are, and it trains as it would without "
+            f"it. {remove}")
+
+# %% ../nbs/03_channelslast.ipynb #7e1c2a01
+def _frames(tb):
+    while tb is not None:
+        yield tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next
+
+
+def _add_to_message(e: BaseException, text: str):
+    "Append `text` to `e`'s one-string message (what `str(e)` shows), else add it as a note"
+    if type(e).__str__ is BaseException.__str__ and len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (f"{e.args[0]}\n{text}",)
+    else: e.add_note(text)
+
+
+def explain_view_error(e: BaseException,  # the exception that ended a fit, validate or get_preds
+                       model: nn.Module,   # the channels-last model that ran
+                       undo: str           # how to train this model in the default layout on this host
+                      ) -> bool:
+    "If `e` is torch's `.view` error, add where the `.view` met a channels-last tensor and what to change; whether it was"
+    if not isinstance(e, RuntimeError) or 'view size is not compatible' not in str(e) or hasattr(e, '_cl_view'): return False
+    e._cl_view = True  # said once, whichever host or callback sees it first
+    names = {id(m): k for k, m in model.named_modules()}
+    frames = list(_frames(e.__traceback__))
+    mod = next(((f, n) for f, n in reversed(frames) if id(f.f_locals.get('self')) in names), None)
+    f, n = frames[-1]  # the innermost Python frame: the line that called `.view`
+    at = f"{f.f_code.co_filename}:{n} in {f.f_code.co_name}: {linecache.getline(f.f_code.co_filename, n).strip()}"
+    if mod is None: where = f"outside the model's modules ({at}); the model's outputs are channels-last too"
+    else:
+        m = mod[0].f_locals['self']
+        where = f"in module {names[id(m)] or '(the model)'!r} ({type(m).__name__}), at {at}"
+    _add_to_message(e, f"ChannelsLast: a `.view` met a channels-last tensor {where}. Channels-last keeps the shapes but "
+                       f"stores the channels of each pixel side by side, so a `.view` that flattens C x H x W has no "
+                       f"matching memory. Use `.flatten(1)` or `.reshape(...)` there (the same values; `.reshape` copies "
+                       f"only when it must), or train this model in the default layout: {undo}. `layout_report` shows "
+                       f"every place where the model drops the format.")
+    return True
 
 # %% ../nbs/03_channelslast.ipynb #c978352e
 class ChannelsLast(Callback):
@@ -157,7 +196,8 @@ class ChannelsLast(Callback):
         self.decider = None              # the `TrialRun` deciding on the first training steps (auto, or an 'auto' precision)
         self.decision = None         # its `AutoDecision` (layout, precision, the table) once decided (measured, cached, loaded)
         self.decides_precision = False  # whether the run also decides an 'auto' `MixedPrecision`'s precision
-        self._warned, self._check_batch = set(), False
+        self._warned = set()
+        self.active = True           # False: the model has no convolution, and the callback leaves it (and its batches) alone
         self._t0, self._device, self._mp, self._asked = None, None, None, None
         self._clock = time.perf_counter
         self._timeable = not {'before_batch', 'after_step'} & set(handlers)  # the user's own handlers stay theirs
@@ -174,9 +214,24 @@ class ChannelsLast(Callback):
     def _log(self, msg: str): host_log(self.learn)(msg)
 
     def handler(self, event_name: str):
-        "No `before_batch` once `auto` has decided to stay contiguous: there is nothing left to convert"
-        if event_name == 'before_batch' and self.decision is not None and self.layout == CONTIGUOUS: return None
+        "No `before_batch` for a model without convolutions, or once `auto` has decided to stay contiguous"
+        if event_name == 'before_batch' and (not self.active or self.decision is not None and self.layout == CONTIGUOUS):
+            return None
         return super().handler(event_name)
+
+    def check_model(self) -> bool:
+        "Whether the learner's model has a convolution (`active`); warn once when it has none"
+        active = has_conv(self.learn.model)
+        if not active: self._warn('model', no_conv_message(self.learn.model, "Remove it with learn.to_contiguous()."))
+        if active != self.active:
+            self.active = active
+            self._refresh_handlers()  # `before_batch` comes or goes
+        return active
+
+    def explain_error(self, e: BaseException):
+        "Add to `e` where a `.view` met a channels-last tensor and what to change (the learner calls it when a run fails)"
+        if self.active and self.layout == CHANNELS_LAST:
+            explain_view_error(e, self.learn.model, "learn.to_contiguous()")
 
     def set_layout(self, layout: str):
         "Put the model, its gradients and the optimizer state in `layout` ('channels_last' or 'contiguous')"
@@ -196,34 +251,19 @@ class ChannelsLast(Callback):
                        + '\n'.join(f'  {f!r}' for f in fixes.skipped))
 
     def after_create(self):
+        if not has_conv(self.learn.model): self.active = False; return  # said at the fit
         if self.repair: self.repair_model()
         self.set_layout(self.layout)
 
     def before_fit(self):
-        learn = self.learn
-        if not has_conv(learn.model):
-            self._warn('model', f"ChannelsLast: the model ({type(learn.model).__name__}) has no 2-D or 3-D convolution "
-                       f"(nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d/3d), so the channels-last layout cannot make it faster; "
-                       f"training stays correct, but each batch pays a layout conversion. Remove it with "
-                       f"learn.to_contiguous(), or ignore this if the model convolves through functional calls.")
+        if not self.check_model(): return  # nothing converted, nothing timed
         if self.repair: self.repair_model()  # the model may have been replaced since
         if self.auto or self.decider is not None or any(isinstance(cb, MixedPrecision) and cb.amp_mode is AMPMode.AUTO
                                                         for cb in self.learn.cbs):
             self._auto_before_fit()  # auto, or the default 'auto' precision on a CPU: decide on the first steps
         self.set_layout(self.layout)
-        self._check_batch = 'inputs' not in self._warned
 
-    def _first_batch(self):
-        self._check_batch = False
-        found, shapes = _image_shapes(self.learn.xb)
-        if not found:
-            self._warn('inputs', f"ChannelsLast: the inputs of the first batch have no floating-point 4-D or 5-D tensor "
-                       f"(xb shapes: {shapes}), so there is nothing to convert to channels-last and it cannot make "
-                       f"training faster. Remove it with learn.to_contiguous().")
-
-    def before_batch(self):
-        if self._check_batch: self._first_batch()
-        self.learn.xb = _cl_batch(self.learn.xb)
+    def before_batch(self): self.learn.xb = _cl_batch(self.learn.xb)
 
     def after_fit(self):
         if self.decider is not None: self._auto_after_fit()  # says so when a fit ended before the decision
@@ -300,7 +340,6 @@ def _auto_before_batch(self: ChannelsLast):
             if self._mp is not None and s.precision != self._mp.precision: self._mp.use(s.precision)
             synchronize(self._device)
             self._t0 = self._clock()
-    if self._check_batch: self._first_batch()
     if self.layout == CHANNELS_LAST: learn.xb = _cl_batch(learn.xb)
 
 
@@ -365,6 +404,9 @@ def to_channelslast(self: Learner,
         raise ValueError(f"to_channelslast(use_amp=False) adds no MixedPrecision, so {', '.join(kwargs)} cannot take "
                          f"effect. Drop them, or use use_amp=True (or learn.to_fp16(...) to change the precision alone).")
     new_mp = MixedPrecision(mode, **kwargs) if use_amp else None  # checks the settings (e.g. none with bf16)
+    if use_amp or any(isinstance(cb, MixedPrecision) for cb in self.cbs):  # mixed precision needs float32 weights
+        check_float32_weights(self.model, 'learn.to_channelslast()' if use_amp else 'learn.to_channelslast(use_amp=False) '
+                              'with the MixedPrecision already attached')
     if use_amp and mode is not AMPMode.AUTO:  # a mode asked for by name: warn now if much slower than fp32 here
         check_amp_speed(mode, model_device(self.model, self.device))
     cls = [cb for cb in self.cbs if isinstance(cb, ChannelsLast)]
@@ -378,18 +420,19 @@ def to_channelslast(self: Learner,
     if use_amp:
         self.remove_cbs([cb for cb in mps if cb is not keep_mp])
         if keep_mp is None: self.add_cb(new_mp)
-    keep.set_layout(keep.layout)  # the model (and optimizer state) in the layout now, not only at the next fit
+    keep.active = has_conv(self.model)  # without convolutions: left as it is (said at the fit)
+    if keep.active: keep.set_layout(keep.layout)  # the model (and optimizer state) in the layout now, not at the next fit
     return self
 
 
 @patch
 def to_contiguous(self: Learner,
-                  to_fp32: bool = False  # also remove every `MixedPrecision`: back to full precision
+                  to_fp32: bool = False  # also back to full precision: remove every `MixedPrecision`, make float16/bfloat16 weights float32
                  ) -> Learner:
     "Back to the default layout: remove `ChannelsLast`, convert the model and the optimizer state (values unchanged)"
     if not isinstance(to_fp32, bool): raise TypeError(f"to_fp32 must be True or False, got {to_fp32!r}")
     self.remove_cb(ChannelsLast)
     to_contiguous_format(self.model)
     if self.opt is not None: match_opt_state_layout(self.opt)
-    if to_fp32: self.remove_cb(MixedPrecision)
+    if to_fp32: self.to_fp32()
     return self

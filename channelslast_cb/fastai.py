@@ -28,7 +28,7 @@ from . import core
 from .audit import LayoutReport, layout_report
 from .channelslast import ChannelsLast
 from .fp16 import AMPMode, MixedPrecision
-from .learner import Learner, model_device, to_device
+from .learner import Learner, explain_failure, model_device, to_device
 
 # %% auto #0
 __all__ = ['CB_STATE_KEY', 'patch_fastai', 'unpatch_fastai', 'load_checkpoint']
@@ -116,6 +116,9 @@ def _fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch
     old = self.forward_context, self.fitting
     self.forward_context, self.fitting = contextlib.nullcontext, True
     try: return _ORIG['fit'](self, n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt, start_epoch=start_epoch)
+    except Exception as e:
+        explain_failure(self.cbs, e)  # our callbacks add what they know (ChannelsLast: a `.view` that met its layout)
+        raise
     finally: self.forward_context, self.fitting = old
 
 
@@ -134,6 +137,7 @@ def _enter(self):
 @_on_fastai('__exit__')
 def _exit(self, *exc):
     "fastai's end of `with learn:`, putting back the `forward_context` the validation found, however it ends"
+    if isinstance(exc[1], Exception): explain_failure(self.cbs, exc[1])  # validate, get_preds: as in `fit`
     try: return _ORIG['__exit__'](self, *exc)
     finally: self.forward_context = self.__dict__['_cl_saved_contexts'].pop()
 

@@ -36,7 +36,7 @@ from .recorder import Recorder
 
 # %% auto #0
 __all__ = ['to_device', 'first_tensor', 'TensorBatches', 'DataLoaders', 'accuracy', 'error_rate', 'TrainEvalCallback', 'Learner',
-           'model_device', 'GatherPreds']
+           'model_device', 'explain_failure', 'GatherPreds']
 
 # %% ../nbs/01_learner.ipynb #be47a94f
 def to_device(b, device: torch.device, non_blocking: bool = False):
@@ -471,12 +471,24 @@ def _do_fit(self: Learner):
         self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 # %% ../nbs/01_learner.ipynb #13ef5b82
+def explain_failure(cbs, e: BaseException) -> BaseException:
+    "Let each of `cbs` with an `explain_error(e)` method add what it knows to `e`; one that fails itself is skipped"
+    for cb in cbs:
+        f = getattr(type(cb), 'explain_error', None)
+        if callable(f):
+            with contextlib.suppress(Exception): f(cb, e)  # an explanation never replaces the user's error
+    return e
+
+
 @patch
 def _session(self: Learner, body: Callable, n_epoch: int, fitting: bool):
     self.n_epoch, self.fitting, self.epoch = n_epoch, fitting, 0
     self._non_blocking = self.device.type == 'cuda'
     self._rebuild()
     try: self._with_events(body, 'fit', CancelFitException)
+    except Exception as e:
+        explain_failure(self.cbs, e)
+        raise
     finally: self._end_cleanup()
 
 

@@ -22,8 +22,9 @@ except ImportError as e:  # Lightning is optional: only this module needs it
 
 from .autotune import (
     AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, check_trial_args, synchronize)
-from .channelslast import (
-    ChannelsLastWarning, has_conv, match_opt_state_layout, to_channels_last, to_contiguous_format)
+from channelslast_cb.channelslast import (
+    ChannelsLastWarning, explain_view_error, has_conv, match_opt_state_layout, no_conv_message, to_channels_last,
+    to_contiguous_format)
 from .fp16 import (AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, candidate_settings, say_choice,
                                   slow_amp_message)
 from .guards import check_bool
@@ -64,10 +65,8 @@ class ChannelsLast(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str):
         self.active = has_conv(pl_module)
         if not self.active:
-            warnings.warn(f"ChannelsLast: {type(pl_module).__name__} has no 2-D or 3-D convolution (nn.Conv2d, "
-                          f"nn.Conv3d, nn.ConvTranspose2d/3d), so there is nothing channels-last can make faster: the "
-                          f"callback converts nothing and this run trains as it would without it. Remove ChannelsLast "
-                          f"from the Trainer's callbacks.", ChannelsLastWarning, stacklevel=2)
+            warnings.warn(no_conv_message(pl_module, "Remove ChannelsLast from the Trainer's callbacks."),
+                          ChannelsLastWarning, stacklevel=2)
             return
         self._run = trainer, pl_module
         if self.repair: self.repair_module(pl_module)
@@ -95,6 +94,8 @@ class ChannelsLast(Callback):
         self._run, self._t0 = None, None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException):
+        if self.active and self.layout == CHANNELS_LAST:  # a `.view` that met the layout: say where, and what to change
+            explain_view_error(exception, pl_module, "remove ChannelsLast from the Trainer's callbacks")
         self._unwrap_batch_to_device(trainer.strategy)
         self._run, self._t0 = None, None
 

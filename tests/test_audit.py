@@ -224,8 +224,9 @@ def test_model_is_restored_when_the_forward_raises():
 def test_bad_input_errors():
     class ViewHead(nn.Module):
         def forward(self, x): return x.view(x.shape[0], -1)
-    with pytest.raises(RuntimeError, match=r"inside module '1' \(ViewHead\).*use `\.reshape`"):
+    with pytest.raises(RuntimeError, match=r"inside module '1' \(ViewHead\).*use `\.reshape`") as e:
         layout_report(nn.Sequential(conv(3, 4), ViewHead()), torch.randn(2, 3, 6, 6))
+    assert 'instead. A `.view`' in str(e.value) and 'instead..' not in str(e.value)  # one period after torch's
     with pytest.raises(ValueError, match="amp_mode 'fp8' is not one of 'fp16', 'bf16', 'auto'"):
         layout_report(tiny_cnn(), torch.randn(2, 3, 6, 6), amp='fp8')
     frozen = tiny_cnn().requires_grad_(False)

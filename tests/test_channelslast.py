@@ -5,6 +5,7 @@ The state table covers the three user lines (`cbs=ChannelsLast()`, `learn.to_cha
 `to_fp16/to_bf16/to_fp32`, including the two orders that end wrong in fastai 2.8.
 """
 import itertools
+import re
 import sys
 import warnings
 from collections import OrderedDict
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import synth_images, tiny_cnn, tiny_cnn_no_conv_bias
+from helpers import (LeNet, Spectrogram, Uint8Net, ViewMLP, as_uint8, record_c2, synth_images, tiny_cnn,
+                     tiny_cnn_no_conv_bias)
 
 from channelslast_cb.channelslast import (
     CHANNELS_LAST, ChannelsLast, ChannelsLastWarning, match_opt_state_layout, to_channels_last, to_contiguous_format)
@@ -453,18 +455,146 @@ def flat_learner(model):
                    cbs=ChannelsLast(), progress=False)
 
 
-def test_warns_once_for_a_model_without_convolutions_and_inputs_without_images():
-    msgs = cl_warnings(flat_learner(nn.Sequential(nn.Linear(192, 8), nn.ReLU(), nn.Linear(8, 2))))
-    assert len(msgs) == 2, msgs
-    assert 'has no 2-D or 3-D convolution' in msgs[0] and 'learn.to_contiguous()' in msgs[0]
-    assert 'no floating-point 4-D or 5-D tensor' in msgs[1] and '(8, 192)' in msgs[1]
+def test_a_model_without_convolutions_is_left_as_it_is_and_said_once():
+    "issue 24.1: an MLP that `.view`s its image batch trains; the model (a 4-D buffer) and every batch stay as they came"
+    torch.manual_seed(0)
+    model, strides = ViewMLP(), []
+    x, y = synth_images(32)
+    learn = Learner(DataLoaders.from_tensors((x, y), bs=8), model, loss_func=F.cross_entropy, progress=False,
+                    cbs=[ChannelsLast(), Callback(before_batch=lambda cb: strides.append(cb.xb[0].stride()))])
+    assert learn.model.mean.is_contiguous() and not learn.model.mean.is_contiguous(memory_format=CL)
+    msgs = cl_warnings(learn)  # two fits
+    assert len(msgs) == 1, msgs
+    assert 'has no 2-D or 3-D convolution' in msgs[0] and 'leaves the model and its batches exactly as they are' in msgs[0]
+    assert 'learn.to_contiguous()' in msgs[0]
+    assert set(strides) == {x[:8].stride()} and len(strides) == 8
+    assert not learn.model.mean.is_contiguous(memory_format=CL)
+    learn.to_channelslast(use_amp=False)  # the helper leaves it alone too
+    assert not learn.model.mean.is_contiguous(memory_format=CL)
+    learn.fit(1)
 
 
-def test_warns_for_inputs_only_when_the_model_has_convolutions():
-    model = nn.Sequential(nn.Unflatten(1, (3, 8, 8)), tiny_cnn())  # a conv model fed flat vectors
-    msgs = cl_warnings(flat_learner(model))
-    assert len(msgs) == 1 and 'no floating-point 4-D or 5-D tensor' in msgs[0]
+def test_a_model_replaced_by_a_conv_model_is_converted_again():
+    learn = flat_learner(nn.Sequential(nn.Linear(192, 8), nn.ReLU(), nn.Linear(8, 2)))
+    assert len(cl_warnings(learn, fits=1)) == 1
+    learn.model, learn.dls = cnn(), make_learner().dls
+    assert cl_warnings(learn, fits=1) == []
+    assert model_layout(learn.model) == 'cl'
+
+
+def test_a_functional_convolution_counts_as_a_convolution():
+    class FConv(nn.Module):
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.randn(4, 3, 3, 3)); self.fc = nn.Linear(4, 2)
+        def forward(self, x): return self.fc(F.conv2d(x, self.w, padding=1).mean((2, 3)))
+    learn = make_learner(FConv(), cbs=ChannelsLast())
+    assert cl_warnings(learn, fits=1) == [] and layout(learn.model.w) == 'cl'
+
+
+@pytest.mark.parametrize('model, x', [(Spectrogram, lambda x: x[:, 0]), (Uint8Net, as_uint8),
+                                      (lambda: nn.Sequential(nn.Unflatten(1, (3, 8, 8)), tiny_cnn()), lambda x: x.flatten(1))],
+                         ids=['spectrogram', 'uint8', 'unflatten'])
+def test_no_warning_for_a_conv_model_that_builds_its_own_images(model, x):
+    "issue 24.3: its convolutions run channels-last (the weights are), so 'cannot make training faster' would be wrong"
+    torch.manual_seed(0)
+    m, seen = model(), []
+    if hasattr(m, 'c2'): record_c2(m, seen)
+    xs, y = synth_images(32)
+    learn = Learner(DataLoaders.from_tensors((x(xs), y), bs=8), m, loss_func=F.cross_entropy, cbs=ChannelsLast(),
+                    progress=False)
+    assert cl_warnings(learn) == []
+    assert seen == [] or set(seen) == {(True, True)}
 
 
 def test_no_warning_for_a_conv_model_on_images():
     assert cl_warnings(make_learner(cbs=ChannelsLast())) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A `.view` after the convolutions (issue 24.2)
+def test_view_after_the_convolutions_says_where_and_what_to_change():
+    learn = make_learner(LeNet(), cbs=ChannelsLast())
+    with pytest.raises(RuntimeError, match='view size is not compatible') as e:
+        learn.fit(1)
+    msg = str(e.value)
+    assert "a `.view` met a channels-last tensor in module '(the model)' (LeNet)" in msg, msg
+    assert 'helpers.py:' in msg and 'x = x.view(-1, self.n)' in msg, msg
+    assert 'Use `.flatten(1)` or `.reshape(...)` there' in msg and 'learn.to_contiguous()' in msg, msg
+    assert msg.count('ChannelsLast:') == 1  # said once, by one host
+    assert not torch.is_autocast_enabled('cpu')
+    # validate and get_preds say the same; the learner is left usable both ways
+    with pytest.raises(RuntimeError, match="met a channels-last tensor in module"): learn.validate()
+    with pytest.raises(RuntimeError, match="met a channels-last tensor in module"): learn.get_preds()
+    learn.to_contiguous().fit(1)
+
+
+def test_view_inside_a_submodule_is_named():
+    class Head(nn.Module):
+        def forward(self, x): return x.view(x.size(0), -1)
+    learn = make_learner(nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), Head(), nn.Linear(128, 2)), cbs=ChannelsLast())
+    with pytest.raises(RuntimeError, match=r"in module '1' \(Head\), at .*return x\.view\(x\.size\(0\), -1\)"):
+        learn.fit(1)
+
+
+def test_other_errors_and_contiguous_runs_are_not_annotated():
+    class Boom(nn.Module):
+        def forward(self, x): raise RuntimeError('boom.')
+    with pytest.raises(RuntimeError, match=r'^boom\.$'):
+        make_learner(nn.Sequential(nn.Conv2d(3, 2, 1), Boom()), cbs=ChannelsLast()).fit(1)
+    class OwnView(nn.Module):  # a channels-last tensor of its own, without the callback: torch's error as it is
+        def forward(self, x): return x.contiguous(memory_format=CL).view(x.size(0), -1)
+    with pytest.raises(RuntimeError, match=r'Use \.reshape\(\.\.\.\) instead\.$'):
+        make_learner(nn.Sequential(nn.Conv2d(3, 2, 1), OwnView(), nn.Linear(128, 2))).fit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A float16 model (issue 24.4)
+def half_learner():
+    "A learner whose model (and Adam state) became float16 after a fit, as after loading a half checkpoint"
+    learn = make_learner(tiny_cnn())
+    learn.fit(1)
+    learn.model.half()
+    for st in learn.opt.state.values():
+        for k, v in st.items():
+            if v.dim(): st[k] = v.half()
+    return learn
+
+
+@pytest.mark.parametrize('call, name', [(lambda l: l.to_channelslast(), 'learn.to_channelslast()'),
+                                        (lambda l: l.to_channelslast(amp_mode='bf16'), 'learn.to_channelslast()'),
+                                        (lambda l: l.to_fp16(), 'learn.to_fp16()'),
+                                        (lambda l: l.to_bf16(), 'learn.to_bf16()')])
+def test_mixed_precision_refuses_a_float16_model_at_the_call(call, name):
+    learn = half_learner()
+    cbs = list(learn.cbs)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: 8 of the model's 8 parameters are float16 \(first: '0.weight'\)"
+                                         r".*learn\.to_fp32\(\) \(or learn\.model\.float\(\)\)"):
+        call(learn)
+    assert learn.cbs == cbs and learn.model[0].weight.dtype == torch.float16 and model_layout(learn.model) == 'cf'
+
+
+def test_use_amp_false_refuses_only_when_a_mixed_precision_is_attached():
+    learn = half_learner().to_channelslast(use_amp=False)  # no mixed precision: the half model as it is
+    assert model_layout(learn.model) == 'cl'
+    learn.to_fp32().to_bf16()
+    learn.model.half()
+    with pytest.raises(ValueError, match='with the MixedPrecision already attached'):
+        learn.to_channelslast(use_amp=False)
+
+
+@pytest.mark.parametrize('back', ['to_contiguous', 'to_fp32'])
+def test_back_to_full_precision_makes_float16_weights_float32(back):
+    learn = half_learner().to_channelslast(use_amp=False)
+    learn.to_contiguous(to_fp32=True) if back == 'to_contiguous' else learn.to_fp32()
+    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+    assert {b.dtype for b in learn.model.buffers() if b.is_floating_point()} == {torch.float32}
+    assert {v.dtype for st in learn.opt.state.values() for v in st.values() if v.dim()} == {torch.float32}
+    assert not any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+    learn.fit(1)
+    learn.to_channelslast().fit(1)  # and mixed precision is welcome again
+    assert learn.model[0].weight.dtype == torch.float32
+
+
+def test_to_fp32_keeps_float64_and_integer_tensors():
+    learn = make_learner(cnn().double())
+    learn.to_fp32()
+    assert learn.model[0].weight.dtype == torch.float64 and learn.model[1].num_batches_tracked.dtype == torch.int64

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from helpers import synth_images, tiny_cnn, tiny_cnn_no_conv_bias
+from helpers import (LeNet, Spectrogram, Uint8Net, ViewMLP, as_uint8, record_c2, synth_images, tiny_cnn,
+                     tiny_cnn_no_conv_bias)
+from channelslast_cb.channelslast import ChannelsLastWarning
 
 from channelslast_cb.channelslast import ChannelsLast
 from channelslast_cb.core import CancelBatchException as OurCancelBatch, Callback as OurCallback
@@ -602,3 +604,74 @@ def test_fp16_decision_is_the_same_on_a_fastai_learner(procs):
     native = getattr(fp16, '_cpu_native', None) or getattr(fp16, 'cpu_native', None)
     if native is not None and native(torch.float16) is False:  # this CPU has no native float16: both must have warned about it
         assert any('fp16' in s for s in said['fp16_ours']), said
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models a newcomer brings (issue 24): the same behaviour as on our Learner
+def x_learner(model, x, cbs=None):
+    "A fastai Learner on (x, y) batches of the 32 synthetic images, x transformed (spectrograms, uint8)"
+    xs, y = synth_images(32)
+    dls = FaiDataLoaders.from_dsets(TensorDataset(x(xs), y), TensorDataset(x(xs[:16]), y[:16]), bs=8, device='cpu')
+    return flearner.Learner(dls, model, loss_func=F.cross_entropy, opt_func=FaiAdam, cbs=cbs)
+
+
+def cl_warnings_of(f):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        f()
+    return [str(o.message) for o in w if issubclass(o.category, ChannelsLastWarning)]
+
+
+@pytest.mark.parametrize('how', ['cbs', 'to_channelslast'])
+def test_a_model_without_convolutions_trains_untouched_said_once(how):
+    torch.manual_seed(0)
+    strides = []
+    probe = FaiCallback()
+    probe.before_batch = lambda: strides.append(probe.learn.xb[0].stride())
+    learn = x_learner(ViewMLP(), lambda x: x, cbs=[ChannelsLast(), probe] if how == 'cbs' else [probe])
+    if how == 'to_channelslast': learn.to_channelslast(use_amp=False)
+    msgs = cl_warnings_of(lambda: (quiet_fit(learn, 1), quiet_fit(learn, 1)))
+    assert len(msgs) == 1 and 'leaves the model and its batches exactly as they are' in msgs[0], msgs
+    assert strides and set(strides) == {(192, 64, 8, 1)}
+    assert not learn.model.mean.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize('model, x', [(Spectrogram, lambda x: x[:, 0]), (Uint8Net, as_uint8)], ids=['spectrogram', 'uint8'])
+def test_no_warning_for_a_model_that_builds_its_own_images(model, x):
+    torch.manual_seed(0)
+    m, seen = model(), []
+    record_c2(m, seen)
+    learn = x_learner(m, x, cbs=ChannelsLast())
+    assert cl_warnings_of(lambda: quiet_fit(learn, 1)) == []
+    assert seen and set(seen) == {(True, True)}
+
+
+def test_view_after_the_convolutions_says_where_and_what_to_change():
+    learn = x_learner(LeNet(), lambda x: x, cbs=ChannelsLast())
+    with pytest.raises(RuntimeError, match=r"a `\.view` met a channels-last tensor in module '\(the model\)' \(LeNet\), "
+                                           r"at .*helpers\.py:\d+ in forward: x = x\.view\(-1, self\.n\)") as e:
+        quiet_fit(learn, 1)
+    assert 'Use `.flatten(1)` or `.reshape(...)` there' in str(e.value) and 'learn.to_contiguous()' in str(e.value)
+    assert str(e.value).count('ChannelsLast:') == 1
+    with pytest.raises(RuntimeError, match='met a channels-last tensor'):
+        with learn.no_bar(): learn.get_preds()
+    assert not torch.is_autocast_enabled('cpu')
+    learn.to_contiguous()
+    quiet_fit(learn, 1)
+
+
+def test_a_float16_model_is_refused_and_to_fp32_makes_it_float32():
+    learn = x_learner(tiny_cnn().half(), lambda x: x)
+    with pytest.raises(ValueError, match=r"learn\.to_channelslast\(\): 8 of the model's 8 parameters are float16.*"
+                                         r"learn\.to_fp32\(\) \(or learn\.model\.float\(\)\)"):
+        learn.to_channelslast()
+    assert not any(isinstance(cb, (ChannelsLast, MixedPrecision)) for cb in learn.cbs)
+    with pytest.raises(ValueError, match=r"learn\.to_fp16\(\): 8 of the model's 8"): learn.to_fp16()
+    learn.to_channelslast(use_amp=False).to_contiguous(to_fp32=True)
+    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+    learn.model.half()
+    learn.to_fp32()
+    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
+    learn.to_channelslast()
+    quiet_fit(learn, 1)

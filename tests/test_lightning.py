@@ -26,7 +26,7 @@ from channelslast_cb.audit import layout_report
 from channelslast_cb.channelslast import ChannelsLastWarning
 from channelslast_cb.fp16 import AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed
 from channelslast_cb.lightning import ChannelsLast
-from helpers import tiny_cnn_no_conv_bias
+from helpers import LeNet, Spectrogram, Uint8Net, ViewMLP, as_uint8, record_c2, synth_images, tiny_cnn_no_conv_bias
 from lightning_helpers import AtTrainStart, Classifier, StepClock, checksum, cl, loader, trainer
 from test_distributed import torchrun
 
@@ -460,7 +460,8 @@ def test_model_without_convolutions_warns_and_trains_unchanged():
         warnings.simplefilter('always')
         a, t = fit(cb := ChannelsLast())
     said = [str(w.message) for w in caught if issubclass(w.category, ChannelsLastWarning)]
-    assert len(said) == 1 and 'MLP has no 2-D or 3-D convolution' in said[0] and 'converts nothing' in said[0]
+    assert len(said) == 1 and 'the model (MLP) has no 2-D or 3-D convolution' in said[0]
+    assert 'leaves the model and its batches exactly as they are' in said[0]  # the message every host gives
     assert cb.active is False and 'batch_to_device' not in t.strategy.__dict__
     b, _ = fit()
     assert checksum(a) == checksum(b)  # bit for bit the run without the callback
@@ -508,3 +509,49 @@ def test_without_lightning_the_import_error_says_what_to_install():
     r = _run(code)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'IMPORT-ERROR' in r.stdout and 'pip install lightning' in r.stdout and 'needs Lightning' in r.stdout
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models a newcomer brings (issue 24): the same behaviour as on our Learner and fastai's
+class Net(LightningModule):
+    "A LightningModule around `net`, trained with SGD on (x, y) batches"
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+    def training_step(self, batch, i): return F.cross_entropy(self.net(batch[0]), batch[1])
+    def configure_optimizers(self): return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_net(net, x=lambda x: x):
+    xs, y = synth_images(32)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        trainer(ChannelsLast()).fit(Net(net), DataLoader(torch.utils.data.TensorDataset(x(xs), y), batch_size=8))
+    return [str(o.message) for o in w if issubclass(o.category, ChannelsLastWarning)]
+
+
+def test_a_model_without_convolutions_trains_untouched_said_once():
+    net = ViewMLP()
+    msgs = fit_net(net)
+    assert len(msgs) == 1 and 'leaves the model and its batches exactly as they are' in msgs[0], msgs
+    assert "Remove ChannelsLast from the Trainer's callbacks" in msgs[0]
+    assert not net.mean.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('model, x', [(Spectrogram, lambda x: x[:, 0]), (Uint8Net, as_uint8)], ids=['spectrogram', 'uint8'])
+def test_no_warning_for_a_model_that_builds_its_own_images(model, x):
+    torch.manual_seed(0)
+    net, seen = model(), []
+    record_c2(net, seen)
+    assert fit_net(net, x) == []
+    assert seen and set(seen) == {(True, True)}
+
+
+def test_view_after_the_convolutions_says_where_and_what_to_change():
+    with pytest.raises(RuntimeError, match=r"a `\.view` met a channels-last tensor in module 'net' \(LeNet\), "
+                                           r"at .*helpers\.py:\d+ in forward: x = x\.view\(-1, self\.n\)") as e:
+        fit_net(LeNet())
+    assert 'Use `.flatten(1)` or `.reshape(...)` there' in str(e.value)
+    assert "remove ChannelsLast from the Trainer's callbacks" in str(e.value)
+    assert str(e.value).count('ChannelsLast:') == 1

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 from torch import Tensor, nn
 
-from .core import Callback
+from .core import Callback, warn
 from .guards import check_keywords
 from .fp16 import AMPMode, MixedPrecision, check_amp_speed, distributed_group, host_log, say_choice
 from .autotune import (AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, candidate_settings,
@@ -166,7 +166,7 @@ class ChannelsLast(Callback):
     def _warn(self, key: str, msg: str):
         if key in self._warned: return
         self._warned.add(key)
-        warnings.warn(msg, ChannelsLastWarning, stacklevel=2)
+        warn(msg, ChannelsLastWarning)
 
     def _log(self, msg: str): host_log(self.learn)(msg)
 

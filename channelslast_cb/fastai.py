@@ -8,7 +8,6 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/fastai.html.md"""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -297,7 +296,7 @@ def load_checkpoint(learn: FastaiLearner,       # a fastai `Learner`
         _check_opt_state(learn, opt_state, source, state.get('opt_type'))  # our Learner.save names its optimizer
     learn.model.load_state_dict(model_state, strict=strict)
     if with_opt and opt_state is not None: learn.opt.load_state_dict(opt_state)
-    elif with_opt: warnings.warn(f"{source} has no optimizer state: the optimizer keeps its own.")
+    elif with_opt: core.warn(f"{source} has no optimizer state: the optimizer keeps its own.")
     for cb in learn.cbs:
         if cb.name in cb_states and callable(getattr(type(cb), 'load_state_dict', None)):
             cb.load_state_dict(cb_states[cb.name])

@@ -473,7 +473,7 @@ class MixedPrecision(Callback):
         cols = self._cols(learn)
         if cols is not None and cols.get('skipped_steps') == self._skipped_col: del cols['skipped_steps']
 
-    def _skipped_col(self) -> int: return self.skipped_steps
+    def _skipped_col(self) -> int: return self._epoch_skipped  # the table shows this epoch's; `skipped_steps` all
 
     def handler(self, event_name: str):
         "No per-batch handler while training in float32 (an 'auto' choice): the loop then runs as if it were not here"

@@ -144,9 +144,10 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def _torchvision_names() -> list[str]:
+def _torchvision_names(segmentation: bool = True) -> list[str]:
+    "torchvision's classifiers, and its semantic segmentation models (detection/video/flow take other inputs)"
     import torchvision.models as tvm
-    return tvm.list_models(module=tvm)  # classifiers only: detection/segmentation/video take other inputs
+    return tvm.list_models(module=tvm) + (tvm.list_models(module=tvm.segmentation) if segmentation else [])
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -167,9 +168,11 @@ def resolve_model(name: str) -> tuple[str, str]:
     if 'torchvision' in sources:
         shown.update((n, f'torchvision:{n}' if n in timm_names else n) for n in tv_names if n not in shown or sep)
     close = difflib.get_close_matches(bare, list(shown), n=8, cutoff=0.6)
-    where = ' nor '.join("a timm model" if s == 'timm' else "a torchvision classifier" for s in sources)
+    where = ' nor '.join("a timm model" if s == 'timm' else "a torchvision classifier or segmentation model"
+                         for s in sources)
     hint = f"close matches: {', '.join(shown[c] for c in close)}" if close else "no close match"
-    lists = {'timm': "timm.list_models('*pattern*')", 'torchvision': 'torchvision.models.list_models(torchvision.models)'}
+    lists = {'timm': "timm.list_models('*pattern*')",
+             'torchvision': 'torchvision.models.list_models(torchvision.models) (and torchvision.models.segmentation)'}
     raise BenchError(f"unknown model {name!r}: not {where} ({hint}). All names: "
                      f"{' and '.join(lists[s] for s in sources)}")
 
@@ -181,7 +184,8 @@ def create_model(name: str) -> tuple[nn.Module, str, str]:
         import timm
         return timm.create_model(bare, pretrained=False), bare, source
     import torchvision
-    return torchvision.models.get_model(bare, weights=None), bare, source
+    kw = {} if bare in _torchvision_names(segmentation=False) else {'weights_backbone': None}  # no download
+    return torchvision.models.get_model(bare, weights=None, **kw), bare, source
 
 # %% ../nbs/05_bench.ipynb #038331e6
 _PEAKS: dict[tuple, float] = {}
@@ -217,8 +221,9 @@ def apply_peaks(rows: Sequence[dict]) -> Sequence[dict]:
 
 # %% ../nbs/05_bench.ipynb #625ecdb7
 def _logits(out) -> torch.Tensor:
-    "The main output of a model: the first element of a tuple (aux-logit models), `.logits` of an output object"
+    "The main output of a model: the first element of a tuple (aux-logit models), `.logits` of an output object, `'out'` of a dict (torchvision segmentation)"
     if isinstance(out, (tuple, list)): out = out[0]
+    if isinstance(out, dict): out = out['out'] if 'out' in out else next(iter(out.values()))
     return getattr(out, 'logits', out)
 
 
@@ -614,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time training (and inference) steps of timm/torchvision models in both memory layouts\n"
                     "(contiguous NCHW, channels-last NHWC) and each precision, interleaved, on random data.")
     p.add_argument('models', nargs='+', metavar='MODEL',
-                   help="timm or torchvision model names; timm is tried first; prefix 'torchvision:' (or 'tv:') "
-                        "or 'timm:' to pick the source, e.g. torchvision:resnet18")
+                   help="names of timm models, torchvision classifiers or torchvision semantic segmentation models "
+                        "(fcn_*, deeplabv3_*, lraspp_*; not detection or video models); timm is tried first; prefix "
+                        "'torchvision:' (or 'tv:') or 'timm:' to pick the source, e.g. torchvision:resnet18")
     p.add_argument('--batch-size', type=_int_at_least(1), default=16, metavar='N', help="samples per step (default: 16)")
     p.add_argument('--img-size', type=_int_at_least(1), default=224, metavar='PX',
                    help="input height and width in pixels (default: 224)")

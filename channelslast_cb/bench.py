@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .compile import compile_module
+from .core import missing_extra
 from .autotune import candidate_settings, fastest, synchronize  # (synchronize: the bench's timing too)
 from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, check_amp_speed
 from .repair import repair_layout
@@ -532,12 +533,20 @@ _COLORS = {('contiguous', 'fp32'): '#9ecae1', ('channels_last', 'fp32'): '#2171b
 _MODE_TITLES = {'train': 'training step (forward + loss + backward + optimizer step)', 'infer': 'inference (forward only)'}
 
 
+def _matplotlib(what: str):
+    "matplotlib's `(FigureCanvasAgg, Figure)`, or an `ImportError` that names the extra installing it"
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e: raise missing_extra(what, 'matplotlib', 'plot') from e
+    return FigureCanvasAgg, Figure
+
+
 def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_models`
                   path: str | Path | None = None,  # save here (format from the suffix: .png, .svg, .pdf)
                   title: str | None = None):       # None: device, threads, batch size, image size, rounds
     "A grouped bar chart of each variant's speed-up over contiguous fp32, per model; saved to `path`, returned"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg, Figure = _matplotlib('plot_speedups')
     rows = [r for r in rows if not r.get('compiled')]  # the plot shows the eager variants; the table has compiled ones
     if not rows: raise ValueError("no rows to plot: run bench_models first")
     if all(r.get('speedup') is None for r in rows):
@@ -689,8 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in args.models: resolve_model(m)
     except BenchError as e: parser.error(str(e))
     if args.plot:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        try: FigureCanvasAgg, Figure = _matplotlib('channelslast-bench --plot')
+        except ImportError as e: parser.error(str(e))
         kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
         if args.plot.suffix.lstrip('.').lower() not in kinds:
             parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join('.' + k for k in sorted(kinds))}")

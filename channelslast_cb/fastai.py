@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import fastai.callback.core as fastai_core
-from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
-from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
-from fastai.learner import Learner as FastaiLearner, save_model
-from fastai.torch_core import distrib_barrier
+from .core import missing_extra
+
+try:  # fastai is optional: only this module needs it
+    import fastai.callback.core as fastai_core
+    from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
+    from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
+    from fastai.learner import Learner as FastaiLearner, save_model
+    from fastai.torch_core import distrib_barrier
+except ImportError as e: raise missing_extra('channelslast_cb.fastai', 'fastai', 'fastai') from e
 from fastcore.basics import noop
 from fastcore.foundation import L
 from fastcore.meta import delegates

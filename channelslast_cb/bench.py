@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .channelslast import to_channels_last
 from .compile import compile_module
+from .core import missing_extra
 from .autotune import fastest, synchronize  # (synchronize: the bench's timing too)
 from .fp16 import PRECISIONS, AMPMode, amp_speed, autocast_supported, candidate_settings, check_amp_speed
 from .repair import repair_layout
@@ -144,9 +145,10 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def _torchvision_names() -> list[str]:
+def _torchvision_names(segmentation: bool = True) -> list[str]:
+    "torchvision's classifiers, and its semantic segmentation models (detection/video/flow take other inputs)"
     import torchvision.models as tvm
-    return tvm.list_models(module=tvm)  # classifiers only: detection/segmentation/video take other inputs
+    return tvm.list_models(module=tvm) + (tvm.list_models(module=tvm.segmentation) if segmentation else [])
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -167,9 +169,11 @@ def resolve_model(name: str) -> tuple[str, str]:
     if 'torchvision' in sources:
         shown.update((n, f'torchvision:{n}' if n in timm_names else n) for n in tv_names if n not in shown or sep)
     close = difflib.get_close_matches(bare, list(shown), n=8, cutoff=0.6)
-    where = ' nor '.join("a timm model" if s == 'timm' else "a torchvision classifier" for s in sources)
+    where = ' nor '.join("a timm model" if s == 'timm' else "a torchvision classifier or segmentation model"
+                         for s in sources)
     hint = f"close matches: {', '.join(shown[c] for c in close)}" if close else "no close match"
-    lists = {'timm': "timm.list_models('*pattern*')", 'torchvision': 'torchvision.models.list_models(torchvision.models)'}
+    lists = {'timm': "timm.list_models('*pattern*')",
+             'torchvision': 'torchvision.models.list_models(torchvision.models) (and torchvision.models.segmentation)'}
     raise BenchError(f"unknown model {name!r}: not {where} ({hint}). All names: "
                      f"{' and '.join(lists[s] for s in sources)}")
 
@@ -181,7 +185,8 @@ def create_model(name: str) -> tuple[nn.Module, str, str]:
         import timm
         return timm.create_model(bare, pretrained=False), bare, source
     import torchvision
-    return torchvision.models.get_model(bare, weights=None), bare, source
+    kw = {} if bare in _torchvision_names(segmentation=False) else {'weights_backbone': None}  # no download
+    return torchvision.models.get_model(bare, weights=None, **kw), bare, source
 
 # %% ../nbs/05_bench.ipynb #038331e6
 _PEAKS: dict[tuple, float] = {}
@@ -217,8 +222,9 @@ def apply_peaks(rows: Sequence[dict]) -> Sequence[dict]:
 
 # %% ../nbs/05_bench.ipynb #625ecdb7
 def _logits(out) -> torch.Tensor:
-    "The main output of a model: the first element of a tuple (aux-logit models), `.logits` of an output object"
+    "The main output of a model: the first element of a tuple (aux-logit models), `.logits` of an output object, `'out'` of a dict (torchvision segmentation)"
     if isinstance(out, (tuple, list)): out = out[0]
+    if isinstance(out, dict): out = out['out'] if 'out' in out else next(iter(out.values()))
     return getattr(out, 'logits', out)
 
 
@@ -527,12 +533,20 @@ _COLORS = {('contiguous', 'fp32'): '#9ecae1', ('channels_last', 'fp32'): '#2171b
 _MODE_TITLES = {'train': 'training step (forward + loss + backward + optimizer step)', 'infer': 'inference (forward only)'}
 
 
+def _matplotlib(what: str):
+    "matplotlib's `(FigureCanvasAgg, Figure)`, or an `ImportError` that names the extra installing it"
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e: raise missing_extra(what, 'matplotlib', 'plot') from e
+    return FigureCanvasAgg, Figure
+
+
 def plot_speedups(rows: Sequence[dict],           # result dicts from `bench_models`
                   path: str | Path | None = None,  # save here (format from the suffix: .png, .svg, .pdf)
                   title: str | None = None):       # None: device, threads, batch size, image size, rounds
     "A grouped bar chart of each variant's speed-up over contiguous fp32, per model; saved to `path`, returned"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg, Figure = _matplotlib('plot_speedups')
     rows = [r for r in rows if not r.get('compiled')]  # the plot shows the eager variants; the table has compiled ones
     if not rows: raise ValueError("no rows to plot: run bench_models first")
     if all(r.get('speedup') is None for r in rows):
@@ -614,8 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time training (and inference) steps of timm/torchvision models in both memory layouts\n"
                     "(contiguous NCHW, channels-last NHWC) and each precision, interleaved, on random data.")
     p.add_argument('models', nargs='+', metavar='MODEL',
-                   help="timm or torchvision model names; timm is tried first; prefix 'torchvision:' (or 'tv:') "
-                        "or 'timm:' to pick the source, e.g. torchvision:resnet18")
+                   help="names of timm models, torchvision classifiers or torchvision semantic segmentation models "
+                        "(fcn_*, deeplabv3_*, lraspp_*; not detection or video models); timm is tried first; prefix "
+                        "'torchvision:' (or 'tv:') or 'timm:' to pick the source, e.g. torchvision:resnet18")
     p.add_argument('--batch-size', type=_int_at_least(1), default=16, metavar='N', help="samples per step (default: 16)")
     p.add_argument('--img-size', type=_int_at_least(1), default=224, metavar='PX',
                    help="input height and width in pixels (default: 224)")
@@ -683,8 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in args.models: resolve_model(m)
     except BenchError as e: parser.error(str(e))
     if args.plot:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        try: FigureCanvasAgg, Figure = _matplotlib('channelslast-bench --plot')
+        except ImportError as e: parser.error(str(e))
         kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
         if args.plot.suffix.lstrip('.').lower() not in kinds:
             parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join('.' + k for k in sorted(kinds))}")

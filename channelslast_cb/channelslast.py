@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 from torch import Tensor, nn
 
-from .core import Callback
+from .core import Callback, warn
 from .guards import check_keywords
 from .fp16 import (AMPMode, MixedPrecision, candidate_settings, check_amp_speed, check_float32_weights,
                                   distributed_group, host_log, install_host, say_choice, to_float32_weights)
@@ -209,7 +209,7 @@ class ChannelsLast(Callback):
     def _warn(self, key: str, msg: str):
         if key in self._warned: return
         self._warned.add(key)
-        warnings.warn(msg, ChannelsLastWarning, stacklevel=2)
+        warn(msg, ChannelsLastWarning)
 
     def _log(self, msg: str): host_log(self.learn)(msg)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint_io import (
     CheckpointError, all_ranks_succeeded, decided_on_rank0, epoch_checkpoints, read_checkpoint)
-from .core import Callback, CancelFitException
+from .core import Callback, CancelFitException, warn
 from .guards import check_bool
 from .learner import Learner
 
@@ -118,11 +117,11 @@ class SaveModelCallback(TrackerCallback):
         for k, p in epoch_checkpoints(self.fname, folder):
             try: state = read_checkpoint(p, map_location='cpu')
             except CheckpointError as e:  # not written by atomic_save (a copy, another tool): say so, take the next
-                warnings.warn(f"autoresume: skipping {p}, which cannot be read: {e}")
+                warn(f"autoresume: skipping {p}, which cannot be read: {e}")
                 continue
             if 'opt' not in state or 'epoch' not in state:
-                warnings.warn(f"autoresume: skipping {p}: it was saved without with_opt=True, so it has no optimizer "
-                              f"state, RNG states or epoch to continue from")
+                warn(f"autoresume: skipping {p}: it was saved without with_opt=True, so it has no optimizer "
+                     f"state, RNG states or epoch to continue from")
                 continue
             return int(state['epoch']), str(p)
         return None
@@ -169,8 +168,8 @@ class SaveModelCallback(TrackerCallback):
         if self.at_end: self._save(self.fname)
         elif not self.every_epoch:
             if self.last_saved_path is None:
-                warnings.warn(f"SaveModelCallback: {self.monitor} never improved on {self.best} in this fit (NaN values?), "
-                              f"so no model was saved and the final weights stay")
+                warn(f"SaveModelCallback: {self.monitor} never improved on {self.best} in this fit (NaN values?), "
+                     f"so no model was saved and the final weights stay")
             else: self.learn.load(self.fname, with_opt=self.with_opt)
 
 # %% ../nbs/08_checkpoint.ipynb #3b211b8a

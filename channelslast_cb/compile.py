@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import types
-import warnings
 
 import torch
 from fastcore.basics import patch
@@ -18,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .channelslast import CHANNELS_LAST, CONTIGUOUS, ChannelsLast
-from .core import Callback
+from .core import Callback, warn
 from .guards import check_keywords
 from .learner import Learner
 
@@ -114,11 +113,11 @@ class TorchCompile(Callback):
     def _fail(self, e: BaseException):
         self.failed = e
         self._uninstall()
-        warnings.warn(f"TorchCompile: torch.compile could not compile {type(self._model).__name__} "
-                      f"({', '.join(f'{k}={v!r}' for k, v in self.compile_kwargs.items()) or 'default settings'}): "
-                      f"{type(e).__name__}: {_first_lines(e)} The learner goes on in eager mode, as without compile; "
-                      f"learn.compile(...) with other settings tries again, learn.uncompile() removes this callback.",
-                      RuntimeWarning, stacklevel=2)
+        warn(f"TorchCompile: torch.compile could not compile {type(self._model).__name__} "
+             f"({', '.join(f'{k}={v!r}' for k, v in self.compile_kwargs.items()) or 'default settings'}): "
+             f"{type(e).__name__}: {_first_lines(e)} The learner goes on in eager mode, as without compile; "
+             f"learn.compile(...) with other settings tries again, learn.uncompile() removes this callback.",
+             RuntimeWarning)
 
     def _log(self, msg: str):
         if callable(getattr(self.learn, 'log', None)): self.learn.log(msg)

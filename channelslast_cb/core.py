@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import types
+import warnings
 
 # %% auto #0
-__all__ = ['EVENTS', 'INNER_EVENTS', 'event', 'CANCEL_EXCEPTIONS', 'CancelFitException', 'CancelEpochException',
+__all__ = ['EVENTS', 'INNER_EVENTS', 'event', 'CANCEL_EXCEPTIONS', 'HOST_PACKAGES', 'CancelFitException', 'CancelEpochException',
            'CancelTrainException', 'CancelValidException', 'CancelBatchException', 'CancelStepException',
            'CancelBackwardException', 'as_cancel', 'snake_name', 'annotate_error', 'Callback', 'is_callback',
-           'event_handler']
+           'event_handler', 'user_frame', 'warn', 'missing_extra']
 
 # %% ../nbs/00_core.ipynb #eb020111
 EVENTS = tuple('''after_create before_fit before_epoch before_train before_batch after_pred after_loss
@@ -158,3 +160,36 @@ def event_handler(cb, event_name: str):
             if (ours := as_cancel(e)) is None: raise
             raise ours from e
     return run
+
+# %% ../nbs/00_core.ipynb #4b8b2de8
+# top-level packages whose frames are never the user's line: this one, and the frameworks that call into it
+HOST_PACKAGES = frozenset({'channelslast_cb', 'fastai', 'fastcore', 'fastprogress', 'lightning', 'pytorch_lightning',
+                           'lightning_fabric', 'torch', 'contextlib', 'functools', 'importlib'})
+
+
+def user_frame(f=None):  # the frame to start from; default: the caller's
+    "The innermost frame from `f` outwards outside `HOST_PACKAGES` (the outermost frame if every one is inside)"
+    f = outer = f or sys._getframe(1)
+    while f is not None:
+        if (f.f_globals.get('__name__') or '').partition('.')[0] not in HOST_PACKAGES: return f
+        outer, f = f, f.f_back
+    return outer
+
+
+def warn(msg: str,                               # what happened, what happens instead, what to do
+         category: type[Warning] = UserWarning  # the warning class, for filters
+        ):
+    "`warnings.warn` `msg` at the user's line (`user_frame`), however deep in this package or its host it is raised"
+    f = user_frame(sys._getframe(1))
+    g = f.f_globals
+    warnings.warn_explicit(msg, category, f.f_code.co_filename, f.f_lineno, g.get('__name__') or '<string>',
+                           g.setdefault('__warningregistry__', {}), g)
+
+# %% ../nbs/00_core.ipynb #3ddd65c3
+def missing_extra(what: str,     # what needs the package: 'channelslast_cb.fastai', 'channelslast-bench --plot'
+                  package: str,  # the missing package, as pip names it
+                  extra: str     # the extra of this package that installs it: 'fastai', 'lightning', 'plot'
+                 ) -> ImportError:
+    "The `ImportError` to raise when `what` needs the optional `package`: it says which extra installs it"
+    return ImportError(f"{what} needs {package}, which is not installed. Install channelslast_cb with its {extra!r} "
+                       f"extra: pip install \"channelslast_cb[{extra}]\" (from a checkout: pip install \".[{extra}]\")")

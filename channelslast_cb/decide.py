@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from .autotune import AutoDecision, Setting, StepTrial
 from .checkpoint_io import decided_on_rank0
+from .core import warn
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'CACHE_VERSION', 'DecisionCacheWarning', 'cache_dir', 'device_identity', 'model_signature',
@@ -46,7 +46,7 @@ _warned: set = set()
 def _warn_once(key, msg: str):
     if key in _warned: return
     _warned.add(key)
-    warnings.warn(msg, DecisionCacheWarning, stacklevel=4)
+    warn(msg, DecisionCacheWarning)  # at the user's line, whichever host ran the fit
 
 
 def cache_dir() -> Path | None:

@@ -17,7 +17,6 @@ import itertools
 import os
 import secrets
 import time
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
-from .core import Callback
+from .core import Callback, warn
 from .learner import GatherPreds, Learner, ProgressCallback, model_device
 
 # %% auto #0
@@ -436,9 +435,9 @@ def to_distributed(self: Learner,
     cb = DistributedTrainer(sync_bn, seed, **ddp_kwargs)  # checks the arguments before anything changes
     if timeout is not None: as_timeout(timeout)
     if timeout is not None and _initialized():
-        warnings.warn(f"timeout={timeout!r} cannot take effect: the process group already exists, with the timeout it was "
-                      f"created with. Pass it where the group is created (setup_distrib(timeout=...) or "
-                      f"dist.init_process_group(timeout=...)).")
+        warn(f"timeout={timeout!r} cannot take effect: the process group already exists, with the timeout it was "
+             f"created with. Pass it where the group is created (setup_distrib(timeout=...) or "
+             f"dist.init_process_group(timeout=...)).")
     old = [c for c in self.cbs if isinstance(c, DistributedTrainer)]
     owns = any(c.owns_group for c in old)
     for c in old: c._restore()
@@ -472,8 +471,8 @@ def distrib_ctx(self: Learner,
     "Context manager: train with DDP inside the block when launched by torchrun (else in this process), clean up after"
     if timeout is not None: as_timeout(timeout)  # checked even when the block runs without DDP
     if not _initialized() and not all(v in os.environ for v in _TORCHRUN_VARS):
-        warnings.warn(f"distrib_ctx: not launched by torchrun ({', '.join(_TORCHRUN_VARS)} are not set) and no "
-                      f"process group, so this block trains in this single process, without DDP. {_LAUNCH_HINT}")
+        warn(f"distrib_ctx: not launched by torchrun ({', '.join(_TORCHRUN_VARS)} are not set) and no "
+             f"process group, so this block trains in this single process, without DDP. {_LAUNCH_HINT}")
         yield self
         return
     self.to_distributed(sync_bn, seed, timeout=timeout, **ddp_kwargs)

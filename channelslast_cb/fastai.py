@@ -8,17 +8,20 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/fastai.html.md"""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-import fastai.callback.core as fastai_core
-from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
-from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
-from fastai.learner import Learner as FastaiLearner, save_model
-from fastai.torch_core import distrib_barrier
+from .core import missing_extra
+
+try:  # fastai is optional: only this module needs it
+    import fastai.callback.core as fastai_core
+    from fastai.callback.channelslast import ChannelsLast as FastaiChannelsLast  # importing fastai's two callback modules
+    from fastai.callback.fp16 import MixedPrecision as FastaiMixedPrecision        # runs their patches first: ours win
+    from fastai.learner import Learner as FastaiLearner, save_model
+    from fastai.torch_core import distrib_barrier
+except ImportError as e: raise missing_extra('channelslast_cb.fastai', 'fastai', 'fastai') from e
 from fastcore.basics import noop
 from fastcore.foundation import L
 from fastcore.meta import delegates
@@ -301,7 +304,7 @@ def load_checkpoint(learn: FastaiLearner,       # a fastai `Learner`
         _check_opt_state(learn, opt_state, source, state.get('opt_type'))  # our Learner.save names its optimizer
     learn.model.load_state_dict(model_state, strict=strict)
     if with_opt and opt_state is not None: learn.opt.load_state_dict(opt_state)
-    elif with_opt: warnings.warn(f"{source} has no optimizer state: the optimizer keeps its own.")
+    elif with_opt: core.warn(f"{source} has no optimizer state: the optimizer keeps its own.")
     for cb in learn.cbs:
         if cb.name in cb_states and callable(getattr(type(cb), 'load_state_dict', None)):
             cb.load_state_dict(cb_states[cb.name])

@@ -29,7 +29,7 @@ from torch import nn
 
 from .autotune import AutoDecision, CHANNELS_LAST, CONTIGUOUS, LAYOUTS, PRECISIONS, Setting, synchronize
 from .checkpoint_io import decided_on_rank0
-from .core import Callback, CancelStepException
+from .core import Callback, CancelStepException, warn
 from .decide import TrialRun
 from .learner import Learner, model_device
 
@@ -78,10 +78,10 @@ def _fixed_mode(amp_mode: str | AMPMode) -> AMPMode:
 _warned: set = set()  # keys of the warnings already given in this process (see `_warn_once`)
 
 
-def _warn_once(key, msg: str, category: type[Warning] = RuntimeWarning, stacklevel: int = 3):
+def _warn_once(key, msg: str, category: type[Warning] = RuntimeWarning):
     if key in _warned: return
     _warned.add(key)
-    warnings.warn(msg, category, stacklevel=stacklevel)
+    warn(msg, category)  # at the user's line (`core.warn`), however deep in the library or its host
 
 
 def _cuda_native_bf16(device: torch.device) -> bool:
@@ -251,8 +251,7 @@ def check_amp_speed(amp_mode: str | AMPMode,       # 'fp16' or 'bf16'
     speed = amp_speed(amp_mode, device)
     if speed is not None and speed.slow:
         k = (speed.device_type, speed.mode, key)
-        # stacklevel 4: the line that called `to_fp16()`/`to_channelslast()`, which call this
-        if k not in _warned: _warn_once(k, slow_amp_message(speed, context), AMPSpeedWarning, stacklevel=4)
+        if k not in _warned: _warn_once(k, slow_amp_message(speed, context), AMPSpeedWarning)
     return speed
 
 # %% ../nbs/02_fp16.ipynb #a9e1c0d2
@@ -507,7 +506,7 @@ class MixedPrecision(Callback):
         cols = self._cols(learn)
         if cols is not None and cols.get('skipped_steps') == self._skipped_col: del cols['skipped_steps']
 
-    def _skipped_col(self) -> int: return self.skipped_steps
+    def _skipped_col(self) -> int: return self._epoch_skipped  # the table shows this epoch's; `skipped_steps` all
 
     def handler(self, event_name: str):
         "No per-batch handler while training in float32 (an 'auto' choice): the loop then runs as if it were not here"
@@ -646,12 +645,12 @@ class MixedPrecision(Callback):
         "Warn if every step of this epoch's training was skipped: the model did not learn, and the scale only fell"
         n = self._epoch_steps
         if n and self._epoch_skipped == n:
-            warnings.warn(f"fp16: all {n} optimizer step(s) of epoch {self.learn.epoch} were skipped because their "
-                          f"gradients were inf or nan, so the model did not train this epoch; the loss scale fell to "
-                          f"{self.scaler.get_scale():g} (init_scale {self.scaler_kwargs['init_scale']:g}). Check the loss "
-                          f"in fp32 (learn.to_fp32()): a loss that is inf or nan there too (log of 0, a division by zero, "
-                          f"a label out of range, a diverging learning rate) is not a scaling problem. If fp32 trains, "
-                          f"activations overflow float16's range (65504): try learn.to_bf16().", SkippedStepsWarning)
+            warn(f"fp16: all {n} optimizer step(s) of epoch {self.learn.epoch} were skipped because their "
+                 f"gradients were inf or nan, so the model did not train this epoch; the loss scale fell to "
+                 f"{self.scaler.get_scale():g} (init_scale {self.scaler_kwargs['init_scale']:g}). Check the loss "
+                 f"in fp32 (learn.to_fp32()): a loss that is inf or nan there too (log of 0, a division by zero, "
+                 f"a label out of range, a diverging learning rate) is not a scaling problem. If fp32 trains, "
+                 f"activations overflow float16's range (65504): try learn.to_bf16().", SkippedStepsWarning)
 
     def state_dict(self) -> dict:
         "Scaler state and skipped-step count (and the precision in force), for `Learner.save`"

@@ -10,12 +10,11 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 
-from .core import Callback, CancelFitException, is_callback
+from .core import Callback, CancelFitException, is_callback, warn
 
 # %% auto #0
 __all__ = ['check_number', 'check_bool', 'check_int', 'as_device', 'check_keywords', 'check_moms', 'check_one_cycle',
@@ -192,10 +191,10 @@ def warn_nonfinite(losses: list[float],  # the training losses of this fit so fa
     "Warn (once: returns True) if a loss from index `start` of `losses` is nan or inf"
     for i in range(start, len(losses)):
         if not math.isfinite(v := losses[i]):
-            warnings.warn(f"The training loss is {v} at step {i + 1} of this fit: training goes on, but the weights are "
-                          f"probably {'nan' if math.isnan(v) else 'inf or nan'} from there on. Lower the learning rate, "
-                          f"look for nan/inf in the inputs and targets, or add TerminateOnNaNCallback() to stop the fit "
-                          f"at the first non-finite loss.", RuntimeWarning, stacklevel=2)
+            warn(f"The training loss is {v} at step {i + 1} of this fit: training goes on, but the weights are "
+                 f"probably {'nan' if math.isnan(v) else 'inf or nan'} from there on. Lower the learning rate, "
+                 f"look for nan/inf in the inputs and targets, or add TerminateOnNaNCallback() to stop the fit "
+                 f"at the first non-finite loss.", RuntimeWarning)
             return True
     return False
 
@@ -209,6 +208,6 @@ class TerminateOnNaNCallback(Callback):
         loss = self.learn.loss
         if loss is not None and not bool(torch.isfinite(loss).all()):
             learn = self.learn
-            warnings.warn(f"TerminateOnNaNCallback: the loss is {loss.item()} at epoch {learn.epoch}, batch {learn.iter} "
-                          f"({'training' if learn.training else 'validation'}): the fit is cancelled", RuntimeWarning)
+            warn(f"TerminateOnNaNCallback: the loss is {loss.item()} at epoch {learn.epoch}, batch {learn.iter} "
+                 f"({'training' if learn.training else 'validation'}): the fit is cancelled", RuntimeWarning)
             raise CancelFitException

@@ -12,7 +12,6 @@ import inspect
 import math
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .checkpoint_io import (
 from .core import (
     CANCEL_EXCEPTIONS, EVENTS, INNER_EVENTS, Callback, CancelBackwardException, CancelBatchException,
     CancelEpochException, CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
-    annotate_error, event_handler, is_callback)
+    annotate_error, event_handler, is_callback, warn)
 from .guards import (
     as_cbs, as_device, as_metrics, check_batches, check_bool, check_int, check_loss, check_model_device, check_number)
 from .optimizer import as_hyper_opt, wd_keyword
@@ -710,8 +709,8 @@ def load(self: Learner,
     check_model_state(model, state['model'], p, strict)
     opt_state = state.get('opt') if with_opt else None
     if with_opt and opt_state is None:
-        warnings.warn(f"Checkpoint {p} holds no optimizer state (saved with with_opt=False): the optimizer keeps its "
-                      f"own. Load it with with_opt=False to load the weights only.")
+        warn(f"Checkpoint {p} holds no optimizer state (saved with with_opt=False): the optimizer keeps its "
+             f"own. Load it with with_opt=False to load the weights only.")
     new_opt = opt_state is not None and self.opt is None
     if new_opt: self.create_opt()
     try:

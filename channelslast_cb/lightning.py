@@ -8,17 +8,17 @@ Docs: https://channelslast-cb.github.io/channelslast_cb/lightning.html.md"""
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch.distributed as dist
 from fastcore.basics import patch
+
+from .core import missing_extra, warn
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
     from lightning.pytorch.plugins.precision import MixedPrecision as LightningMixedPrecision
 except ImportError as e:  # Lightning is optional: only this module needs it
-    raise ImportError(f"channelslast_cb.lightning is the callback for Lightning's Trainer and needs Lightning 2.x, the "
-                      f"`lightning` package, which did not import ({e}). Install it with: pip install lightning") from e
+    raise missing_extra("channelslast_cb.lightning (the callback for Lightning's Trainer)", 'lightning', 'lightning') from e
 
 from .autotune import (
     AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, check_trial_args, synchronize)
@@ -65,8 +65,7 @@ class ChannelsLast(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str):
         self.active = has_conv(pl_module)
         if not self.active:
-            warnings.warn(no_conv_message(pl_module, "Remove ChannelsLast from the Trainer's callbacks."),
-                          ChannelsLastWarning, stacklevel=2)
+            warn(no_conv_message(pl_module, "Remove ChannelsLast from the Trainer's callbacks."), ChannelsLastWarning)
             return
         self._run = trainer, pl_module
         if self.repair: self.repair_module(pl_module)
@@ -127,15 +126,15 @@ class ChannelsLast(Callback):
         new = [f for f in fixes if f not in self.fixes]
         self.fixes.extend(new)
         if skipped := [f for f in new if not f.repaired]:
-            warnings.warn("ChannelsLast(repair=True) left these channels-last breaks as they are:\n"
-                          + '\n'.join(f'  {f!r}' for f in skipped), ChannelsLastWarning, stacklevel=3)
+            warn("ChannelsLast(repair=True) left these channels-last breaks as they are:\n"
+                 + '\n'.join(f'  {f!r}' for f in skipped), ChannelsLastWarning)
 
     def check_precision(self, trainer: Trainer) -> AMPSpeed | None:
         "Measure the `trainer`'s mixed precision against fp32 (once per process) and warn if it is much slower"
         mode = trainer_amp_mode(trainer)
         self.amp_speed = None if mode is None else amp_speed(mode, trainer.precision_plugin.device)
         if self.amp_speed is not None and self.amp_speed.slow:
-            warnings.warn(slow_precision_message(self.amp_speed, trainer.precision), AMPSpeedWarning, stacklevel=3)
+            warn(slow_precision_message(self.amp_speed, trainer.precision), AMPSpeedWarning)
         return self.amp_speed
 
     def _wrap_batch_to_device(self, strategy):
@@ -193,9 +192,9 @@ def _start_trial(self: ChannelsLast, trainer: Trainer, pl_module: LightningModul
     if self.trial is None:
         precision = _LIGHTNING_PRECISION.get(trainer.precision)
         if precision is None:
-            warnings.warn(f"ChannelsLast(auto=True) times the layouts under the Trainer's precision, and the package's "
-                          f"decision knows float32, bf16 and fp16, not Trainer(precision={trainer.precision!r}): it "
-                          f"keeps {self.layout} without measuring.", ChannelsLastWarning, stacklevel=3)
+            warn(f"ChannelsLast(auto=True) times the layouts under the Trainer's precision, and the package's "
+                 f"decision knows float32, bf16 and fp16, not Trainer(precision={trainer.precision!r}): it "
+                 f"keeps {self.layout} without measuring.", ChannelsLastWarning)
             return
         settings, left_out = candidate_settings(trainer.strategy.root_device, precision)
         self.trial = StepTrial(settings, self.warmup, self.block, self.rounds, self.drop, group=_ddp_group(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .core import Callback
+from .core import Callback, missing_extra
 
 # %% auto #0
 __all__ = ['ProgressCallback', 'LossGraph']
@@ -59,7 +59,8 @@ class LossGraph:
                      y_bounds: tuple | None = None,  # y-axis limits
                      figsize: tuple = (6, 4)):
         "Draw `graphs` (train, then valid) within `x_bounds` and `y_bounds`"
-        from matplotlib.figure import Figure
+        try: from matplotlib.figure import Figure
+        except ImportError as e: raise missing_extra("ShowGraphCallback's loss graph", 'matplotlib', 'plot') from e
         self.graphs = [([float(x) for x in xs], [float(y) for y in ys]) for xs, ys in graphs]
         if self.fig is None: self.fig = Figure(figsize=figsize)
         self.fig.clear()

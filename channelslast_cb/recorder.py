@@ -32,29 +32,37 @@ class Recorder(Callback):
         super().__init__()
         self.print_table, self.beta = print_table, beta
         self.batch_losses, self.lrs, self.values, self.iters, self.times, self.extra_cols = [], [], [], [], [], {}
-        self.epochs = []  # the `learn.epoch` of each row of `values`
+        self.epochs = []        # the `learn.epoch` of each row of `values`
+        self.extra_values = []  # `{name: value}` of `extra_cols` for each row of `values` (kept out of the rows)
         self._smooth, self._smooth_val = [], 0.
         self._pending, self._pending_bs, self._ep_bs, self._valid, self._header_done = [], [], [], None, False
         self.reduce = None  # `reduce(t) -> t`: sums a float64 tensor over the processes of a distributed run
 
     @property
     def metric_names(self) -> list[str]:
-        "Column names of the epoch table: `['epoch', 'train_loss', 'valid_loss', *metrics, *extra_cols, 'time']`"
+        "fastai's column names: `['epoch', 'train_loss', 'valid_loss', *metrics, 'time']`"
         return ['epoch', 'train_loss', 'valid_loss', *(getattr(m, '__name__', type(m).__name__) for m in self.learn.metrics),
-                *self.extra_cols, 'time']
+                'time']
+
+    @property
+    def table_names(self) -> list[str]:
+        "Column names of the printed epoch table: `metric_names` with `extra_cols` before `'time'`"
+        return _with_extras(self.metric_names, self.extra_cols)
 
     def column(self, name: str) -> list:
-        "Every epoch's value of the column `name` of `metric_names` (`'epoch'` and `'time'` too)"
+        "Every epoch's value of the column `name` of `table_names` (`'epoch'`, `'time'` and extra columns too)"
         names = self.metric_names
-        if name not in names: raise KeyError(f"No column {name!r} in the epoch table; the columns are {names}")
         if name == 'epoch': return list(self.epochs)
         if name == 'time': return list(self.times)
-        i = names.index(name) - 1
-        return [row[i] for row in self.values]
+        if name in names: return [row[names.index(name) - 1] for row in self.values]
+        if name in self.extra_cols or any(name in e for e in self.extra_values):
+            return [e.get(name) for e in self.extra_values]  # None for an epoch without that column
+        raise KeyError(f"No column {name!r} in the epoch table; the columns are {self.table_names}")
 
     def before_fit(self):
         if self.learn.fitting:  # `validate`/`get_preds` keep the history
             self.batch_losses, self.lrs, self.values, self.iters, self.times, self.epochs = [], [], [], [], [], []
+            self.extra_values = []
             self._smooth, self._smooth_val = [], 0.
             self._header_done = self._warned_nonfinite = False
         self._start_epoch()
@@ -152,26 +160,35 @@ class Recorder(Callback):
             return
         ep_losses, ep_bs = self.batch_losses[self._ep_start:], self._ep_bs
         train_loss = sum(l * b for l, b in zip(ep_losses, ep_bs)) / sum(ep_bs) if ep_bs else math.nan
-        row = [train_loss, *valid, *(f() for f in self.extra_cols.values())]
+        row = [train_loss, *valid]  # fastai's row: losses, then metrics
         self.learn.final_record = row
         self.values.append(row)
+        self.extra_values.append({n: f() for n, f in self.extra_cols.items()})
         self.iters.append(len(self.batch_losses))
         self.times.append(time.perf_counter() - self._t0)
         self.epochs.append(self.learn.epoch)
         self.learn.logger([self.learn.epoch, *row, self.times[-1]])
 
     def print_row(self, row: list):
-        "Print `row` (`[epoch, *values row, time]`) as a line of the epoch table, the header first"
+        "Print `row` (`[epoch, *values row, time]`) as a line of the epoch table, the header first, with the extra columns"
         if not self.print_table: return
+        extra = self.extra_values[-1] if self.extra_values else {}  # this epoch's: `after_epoch` just recorded them
         if not self._header_done:
-            self.learn.log(_fmt_cells(self.metric_names)); self._header_done = True
-        self.learn.log(_fmt_cells(row))
+            self.learn.log(_fmt_cells(_with_extras(self.metric_names, extra))); self._header_done = True
+        self.learn.log(_fmt_cells([*row[:-1], *extra.values(), row[-1]]))
 
     def table(self) -> str:
-        "The epoch table recorded by the last `fit`, as text"
+        "The epoch table recorded by the last `fit`, as text (with the extra columns)"
         if not self.values: return ''
-        return '\n'.join([_fmt_cells(self.metric_names)] +
-                         [_fmt_cells([e, *row, t]) for e, row, t in zip(self.epochs, self.values, self.times)])
+        extra = {n: None for e in self.extra_values for n in e}  # every extra column of the fit, in order
+        return '\n'.join([_fmt_cells(_with_extras(self.metric_names, extra))] +
+                         [_fmt_cells([e, *row, *(x.get(n, '') for n in extra), t])
+                          for e, row, x, t in zip(self.epochs, self.values, self.extra_values, self.times)])
+
+
+def _with_extras(metric_names: list, extra) -> list:
+    "`metric_names` with the names in `extra` before `'time'`: the header of the printed table"
+    return [*metric_names[:-1], *extra, metric_names[-1]]
 
 
 def _fmt_cells(cells) -> str:

@@ -171,6 +171,24 @@ def test_model_failing_at_run_time_exits_1_without_traceback(capsys):
     assert '--img-size 224' in out.err and 'Traceback' not in out.err
 
 
+@pytest.mark.parametrize('name', ['lraspp_mobilenet_v3_large', 'tv:deeplabv3_mobilenet_v3_large'])
+def test_torchvision_segmentation_models_run(name, capsys):
+    "The help promises torchvision's segmentation models: built without any weights download, their 'out' map timed"
+    assert main([name, *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0', '--precision', 'fp32', '-q']) == 0
+    out = capsys.readouterr()
+    assert out.err == '' and name.split(':')[-1] in out.out and 'torchvision' in out.out
+    model, bare, source = bench.create_model('fcn_resnet50')  # weights=None, weights_backbone=None: no download
+    assert (bare, source, type(model).__name__) == ('fcn_resnet50', 'torchvision', 'FCN')
+
+
+def test_help_says_which_models_it_takes_and_refuses_the_others(capsys):
+    help_ = build_parser().format_help()
+    assert 'torchvision semantic segmentation models' in help_ and 'not detection or video models' in help_
+    with pytest.raises(SystemExit) as e: main(['fasterrcnn_resnet50_fpn', '--device', 'cpu'])
+    assert e.value.code == 2
+    assert "not a timm model nor a torchvision classifier or segmentation model" in capsys.readouterr().err
+
+
 def test_quiet_prints_the_table_only(capsys):
     assert main(['test_resnet', *TINY, '--steps', '1', '--repeats', '1', '--warmup', '0', '--precision', 'fp32', '-q']) == 0
     out = capsys.readouterr()

@@ -341,8 +341,8 @@ def test_scaler_state_survives_two_fits():
     learn.fit(1)   # starts at 16 with 0 clean steps: grows after the 3rd
     assert scales == [16., 8., 8., 8., 16., 16., 16., 32.]
     assert all(s is scalers[0] for s in scalers)
-    assert learn.mixed_precision.skipped_steps == 1
-    assert learn.recorder.column('skipped_steps') == [1]
+    assert learn.mixed_precision.skipped_steps == 1          # the total over both fits
+    assert learn.recorder.column('skipped_steps') == [0]     # the second fit's epoch skipped none
 
 
 def test_save_load_round_trip(tmp_path):
@@ -394,6 +394,30 @@ def test_recorder_column_follows_the_callback():
     assert 'skipped_steps' in learn.recorder.extra_cols
     learn.to_fp32()
     assert 'skipped_steps' not in learn.recorder.extra_cols
+
+
+def test_recorder_rows_stay_fastais_and_the_column_counts_each_epoch():
+    """`values` rows are [train_loss, valid_loss, *metrics] (fastai code reads values[-1][-1] as the last metric);
+    the printed table's `skipped_steps` is each epoch's count, `mixed_precision.skipped_steps` the running total"""
+    rows = []
+    def f(cb):  # the 2nd step of every epoch overflows
+        if cb.iter == 1: next(cb.model.parameters()).grad.view(-1)[0] = float('inf')
+    learn = make_learner(cbs=[MixedPrecision('fp16'), at('after_backward', f, 5)])
+    learn.logger = rows.append
+    learn.fit(2)
+    rec = learn.recorder
+    assert rec.metric_names == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
+    assert [len(r) for r in rec.values] == [3, 3] and learn.final_record == rec.values[-1]
+    assert rec.column('accuracy') == [r[-1] for r in rec.values] and 0 <= rec.values[-1][-1] <= 1
+    assert [len(r) for r in rows] == [5, 5]          # the logger gets fastai's [epoch, *values row, time]
+    assert rec.column('skipped_steps') == [1, 1]     # per epoch, not 1 then 2
+    assert rec.extra_values == [{'skipped_steps': 1}, {'skipped_steps': 1}]
+    assert learn.mixed_precision.skipped_steps == 2  # over the callback's life, as the scaler
+    learn.fit(1)
+    assert rec.column('skipped_steps') == [1] and learn.mixed_precision.skipped_steps == 3
+    head, row = rec.table().splitlines()
+    assert head.split() == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'skipped_steps', 'time']
+    assert row.split()[4] == '1'
 
 
 def test_fp16_without_a_recorder_and_with_one_added_later():

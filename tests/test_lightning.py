@@ -508,7 +508,7 @@ def test_without_lightning_the_import_error_says_what_to_install():
             "else: raise AssertionError('imported without Lightning')\n")
     r = _run(code)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'IMPORT-ERROR' in r.stdout and 'pip install lightning' in r.stdout and 'needs Lightning' in r.stdout
+    assert 'IMPORT-ERROR' in r.stdout and 'pip install "channelslast_cb[lightning]"' in r.stdout and 'needs lightning' in r.stdout
 
 
 

@@ -21,7 +21,8 @@ except ImportError as e:  # Lightning is optional: only this module needs it
     raise missing_extra("channelslast_cb.lightning (the callback for Lightning's Trainer)", 'lightning', 'lightning') from e
 
 from .autotune import (
-    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, StepTrial, check_trial_args, synchronize)
+    AUTO_DROP_RATIO, CHANNELS_LAST, CONTIGUOUS, Setting, StepTrial, check_trial_args, synchronize)
+from .decide import decision_key, read_decision
 from channelslast_cb.channelslast import (
     ChannelsLastWarning, explain_view_error, has_conv, match_opt_state_layout, no_conv_message, to_channels_last,
     to_contiguous_format)
@@ -59,6 +60,7 @@ class ChannelsLast(Callback):
         self.trial = None            # auto: the `StepTrial` timing the first training steps
         self.decision = None         # auto: what it kept (`AutoDecision`; a dict when read from a checkpoint)
         self._run, self._t0, self._clock = None, None, time.perf_counter  # (trainer, module) while a run is on
+        self.evidence, self._evidence_pending = None, False  # a decision kept on disk for this model (`check_model_precision`)
 
     def __repr__(self): return f"ChannelsLast(auto={self.auto}, layout={self.layout!r}{', repair=True' * self.repair})"
 
@@ -72,6 +74,10 @@ class ChannelsLast(Callback):
         self.set_layout(trainer, pl_module, self.layout)
         self._wrap_batch_to_device(trainer.strategy)
         if stage == 'fit' and trainer.is_global_zero: self.check_precision(trainer)
+        self._evidence_pending = stage == 'fit' and trainer.is_global_zero and not self.auto
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int):
+        if self._evidence_pending: self.check_model_precision(trainer, pl_module, batch)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule):
         if not self.active: return
@@ -137,6 +143,24 @@ class ChannelsLast(Callback):
             warn(slow_precision_message(self.amp_speed, trainer.precision), AMPSpeedWarning)
         return self.amp_speed
 
+    def check_model_precision(self, trainer: Trainer, pl_module: LightningModule, batch):
+        "At the first training batch: warn if a decision kept on disk for this model says another precision trains it faster"
+        self._evidence_pending = False
+        xb = tuple(batch[:1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch,)
+        device = trainer.strategy.root_device
+        settings, _ = candidate_settings(device, 'auto')  # the default call's candidates: its records are the evidence
+        keys = (decision_key(device, m, xb, settings, [s for s in settings if s.layout == CHANNELS_LAST])
+                for m in (pl_module, *pl_module.children()))  # the module, or the network it wraps (`self.net`)
+        d = self.evidence = next((d for k in keys if (d := read_decision(k)) is not None), None)
+        have = _LIGHTNING_PRECISION.get(trainer.precision)
+        if d is None or have is None or have == d.precision: return
+        row = next((r for r in d.table if r['setting'] == Setting(CHANNELS_LAST, have) and r['timed']), None)
+        vs = f", where {have} took {row['vs_kept']:.2f}x its step time" if row else ''
+        warn(f"ChannelsLast: on this machine {d.precision} trains this model fastest in channels-last (measured on its "
+             f"own training steps on {d.decided_on or 'an earlier run'}{vs}), and Trainer(precision={trainer.precision!r}) "
+             f"trains it in {have}. Pass precision={_LIGHTNING_NAME[d.precision]!r} to the Trainer to train in "
+             f"{d.precision}; ChannelsLast leaves the precision as you set it.", AMPSpeedWarning)
+
     def _wrap_batch_to_device(self, strategy):
         "Give `strategy` a `batch_to_device` that returns the batch in `self.layout` (an instance attribute: ours)"
         self._unwrap_batch_to_device(strategy)  # a run that ended without teardown left it
@@ -162,6 +186,7 @@ class ChannelsLast(Callback):
 # Lightning's precision names -> this package's precisions; its autocast ('-mixed') ones -> their `AMPMode`
 _LIGHTNING_PRECISION = {'32-true': 'fp32', 'bf16-mixed': 'bf16', '16-mixed': 'fp16', 'bf16-true': 'bf16', '16-true': 'fp16'}
 _LIGHTNING_AMP = {k: AMPMode(v) for k, v in _LIGHTNING_PRECISION.items() if k.endswith('-mixed')}
+_LIGHTNING_NAME = {'fp32': '32-true', 'bf16': 'bf16-mixed', 'fp16': '16-mixed'}  # what to pass for each of ours
 
 
 def slow_precision_message(speed: AMPSpeed,  # a slow measurement of the Trainer's mixed precision mode, from `amp_speed`

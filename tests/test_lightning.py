@@ -555,3 +555,36 @@ def test_view_after_the_convolutions_says_where_and_what_to_change():
     assert 'Use `.flatten(1)` or `.reshape(...)` there' in str(e.value)
     assert "remove ChannelsLast from the Trainer's callbacks" in str(e.value)
     assert str(e.value).count('ChannelsLast:') == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 23: the Lightning callback leaves the Trainer's precision as set, and warns from per-model evidence
+
+def test_warns_from_a_decision_kept_for_this_model(monkeypatch):
+    "Our Learner's default call decided bf16 for this network (kept on disk); the Trainer trains it in fp32: said"
+    from channelslast_cb.learner import DataLoaders, Learner
+    monkeypatch.setattr(fp16, 'AMP_SPEEDS', {('cpu', AMPMode.BF16): AMPSpeed('cpu', AMPMode.BF16, .8),
+                                             ('cpu', AMPMode.FP16): AMPSpeed('cpu', AMPMode.FP16, 5.)})
+    learn = Learner(DataLoaders.from_tensors(synth_images(8 * 30), bs=8), tiny_cnn_no_conv_bias(),
+                    loss_func=F.cross_entropy, progress=False)
+    learn.recorder.print_table = False
+    learn.to_channelslast()
+    cb, mp, t = learn.channels_last, learn.mixed_precision, [0.]
+    def clock():
+        t[0] += (.006 if mp.precision == 'bf16' else .010) / 2
+        return t[0]
+    cb._clock = clock
+    learn.fit(1)
+    assert cb.decision.precision == 'bf16' and cb.decision.source == 'measured'
+    lcb = ChannelsLast()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        trainer(lcb).fit(Classifier(), loader(32))
+    msgs = [str(o.message) for o in w if issubclass(o.category, AMPSpeedWarning)]
+    assert len(msgs) == 1 and "Pass precision='bf16-mixed' to the Trainer" in msgs[0], msgs
+    assert 'fp32 took 1.67x its step time' in msgs[0] and lcb.evidence.precision == 'bf16'
+    assert w[[issubclass(o.category, AMPSpeedWarning) for o in w].index(True)].filename == __file__  # the user's line
+    with warnings.catch_warnings(record=True) as w:  # the Trainer in the precision the evidence names: nothing to say
+        warnings.simplefilter('always')
+        trainer(ChannelsLast(), precision='bf16-mixed').fit(Classifier(), loader(32))
+    assert not [o for o in w if issubclass(o.category, AMPSpeedWarning)]

@@ -183,7 +183,8 @@ def warn(msg: str,                               # what happened, what happens i
     f = user_frame(sys._getframe(1))
     g = f.f_globals
     warnings.warn_explicit(msg, category, f.f_code.co_filename, f.f_lineno, g.get('__name__') or '<string>',
-                           g.setdefault('__warningregistry__', {}), g)
+                           g.setdefault('__warningregistry__', {}),
+                           None if isinstance(g.get('__loader__'), type) else g)  # `python -c`: a loader class, no source
 
 # %% ../nbs/00_core.ipynb #3ddd65c3
 def missing_extra(what: str,     # what needs the package: 'channelslast_cb.fastai', 'channelslast-bench --plot'

@@ -26,6 +26,7 @@ from .decide import decision_key, read_decision
 from channelslast_cb.channelslast import (
     ChannelsLastWarning, explain_view_error, has_conv, match_opt_state_layout, no_conv_message, to_channels_last,
     to_contiguous_format)
+from . import fp16
 from .fp16 import (AMPMode, AMPSpeed, AMPSpeedWarning, amp_speed, candidate_settings, say_choice,
                                   slow_amp_message)
 from .guards import check_bool
@@ -148,6 +149,8 @@ class ChannelsLast(Callback):
         self._evidence_pending = False
         xb = tuple(batch[:1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch,)
         device = trainer.strategy.root_device
+        if device.type == 'cpu' and any(('cpu', m) not in fp16.AMP_SPEEDS for m in (AMPMode.BF16, AMPMode.FP16)):
+            return  # the key needs the probe's screen, and a full-precision Trainer runs no probe: no evidence here
         settings, _ = candidate_settings(device, 'auto')  # the default call's candidates: its records are the evidence
         keys = (decision_key(device, m, xb, settings, [s for s in settings if s.layout == CHANNELS_LAST])
                 for m in (pl_module, *pl_module.children()))  # the module, or the network it wraps (`self.net`)

@@ -167,7 +167,7 @@ def test_channels_last_auto_warns_before_its_window(fresh):
         warnings.simplefilter('always')
         learn.fit(1)
     msgs = slow_warnings(w)
-    auto = [m for m in msgs if 'ChannelsLast(auto=True) times its measuring steps (2 per round) in this mode' in m]
+    auto = [m for m in msgs if 'ChannelsLast(auto=True) times its measuring steps (2 in its first round) in this mode' in m]
     assert len(auto) == 1 and 'took 150.0x' in auto[0] and 'Use learn.to_bf16() instead' in auto[0], msgs
     assert len(msgs) == 2  # and MixedPrecision's own, once
     assert learn.channels_last.decision is not None

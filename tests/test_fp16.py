@@ -352,7 +352,7 @@ def test_save_load_round_trip(tmp_path):
     saved = learn.mixed_precision.state_dict()
     assert saved == {'amp_mode': 'fp16', 'precision': 'fp16', 'skipped_steps': 1,
                      'scaler': {'scale': 32., 'growth_factor': 2., 'backoff_factor': .5, 'growth_interval': 3,
-                                '_growth_tracker': 2}}
+                                '_growth_tracker': 2}, 'kept': None, 'decision': None}
     p = learn.save('ckpt')
     assert p == tmp_path / 'models' / 'ckpt.pth' and p.stat().st_size > 0
 

@@ -16,7 +16,7 @@ from channelslast_cb.core import Callback
 from channelslast_cb.distributed import rank_distrib, setup_distrib, teardown_distrib
 from channelslast_cb.compile import model_layout
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
+from helpers import exit_worker, synth_images, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
 
 
 class Seen(Callback):
@@ -67,4 +67,6 @@ def main(out: Path):
     teardown_distrib()
 
 
-if __name__ == '__main__': main(Path(sys.argv[1]))
+if __name__ == '__main__':
+    main(Path(sys.argv[1]))
+    exit_worker()

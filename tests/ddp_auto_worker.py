@@ -19,7 +19,7 @@ from channelslast_cb.channelslast import ChannelsLast
 from channelslast_cb.distributed import as_timeout  # noqa: F401 (also gives Learner its distrib_ctx)
 from channelslast_cb.fp16 import AMPMode, AMPSpeed, MixedPrecision, candidate_settings, decide_amp
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
+from helpers import exit_worker, synth_images, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
 
 PROBE = {0: dict(bf16=.8, fp16=5.), 1: dict(bf16=3.1, fp16=5.3)}  # rank 1 alone: no 16-bit mode is timed
 # seconds per step by (layout, precision), per rank: averaged, channels-last bf16 (8.5 ms) beats fp32 (10 ms)
@@ -70,3 +70,4 @@ def main(out: Path):
 
 if __name__ == '__main__':
     main(Path(sys.argv[1]))
+    exit_worker()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from channelslast_cb.channelslast import CHANNELS_LAST, CONTIGUOUS, ChannelsLast
 from channelslast_cb.distributed import as_timeout  # noqa: F401 (also gives Learner its distrib_ctx)
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn  # tests/ is this script's folder, so it is on sys.path
+from helpers import exit_worker, synth_images, tiny_cnn  # tests/ is this script's folder, so it is on sys.path
 
 # Seconds per step in each layout, per rank: alone, rank 0 finds channels-last 2x faster, rank 1 finds it 3x slower;
 # averaged over the ranks contiguous wins (2.0 ms vs 1.5 ms)
@@ -66,7 +66,7 @@ def main(out: Path):
             res['frozen'] = dict(waited=time.monotonic() - t0)
         (out / f'rank{rank}.json').write_text(json.dumps(res))
         if rank == 0: done.touch()
-        os._exit(0)  # the group is broken now: skip the teardown (it could wait on the other rank)
+        exit_worker()  # the group is broken now: skip the teardown (it could wait on the other rank)
 
 
 if __name__ == '__main__':

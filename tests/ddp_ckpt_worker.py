@@ -17,7 +17,7 @@ from channelslast_cb.checkpoint import SaveModelCallback
 from channelslast_cb.distributed import rank_distrib, setup_distrib, teardown_distrib
 from channelslast_cb.learner import DataLoaders, Learner
 from ddp_worker import checksum
-from helpers import synth_images, tiny_cnn
+from helpers import exit_worker, synth_images, tiny_cnn
 
 if __name__ == '__main__':
     torch.set_num_threads(1)
@@ -42,3 +42,4 @@ if __name__ == '__main__':
     except Exception as e: res['blocked'] = f'{type(e).__name__}: {e}'
     if created: teardown_distrib()
     (out / f'rank{rank}.json').write_text(json.dumps(res))
+    exit_worker()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from channelslast_cb.checkpoint import SaveModelCallback
 from channelslast_cb.distributed import rank_distrib, setup_distrib, teardown_distrib
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn_no_conv_bias
+from helpers import exit_worker, synth_images, tiny_cnn_no_conv_bias
 
 
 def learner(out, seed):
@@ -40,3 +40,4 @@ if __name__ == '__main__':
     with resumed.distrib_ctx(): resumed.fit_one_cycle(3, lr_max=1e-2, start_epoch=1)
     if created: teardown_distrib()
     torch.save({'full': full, 'resumed': weights(resumed)}, out / f'rank{rank}.pt')
+    exit_worker()

@@ -21,7 +21,7 @@ from channelslast_cb.core import Callback
 from channelslast_cb.fp16 import MixedPrecision
 from channelslast_cb.distributed import DistributedTrainer, num_distrib, rank_distrib, setup_distrib, teardown_distrib
 from channelslast_cb.learner import DataLoaders, Learner, TensorBatches, accuracy
-from helpers import synth_images, tiny_cnn  # tests/ is this script's folder, so it is on sys.path
+from helpers import exit_worker, synth_images, tiny_cnn  # tests/ is this script's folder, so it is on sys.path
 
 GRAD_STRIDES = 'Grad strides do not match bucket view strides'
 
@@ -147,3 +147,4 @@ def main(out: Path):
 
 if __name__ == '__main__':
     main(Path(sys.argv[1]))
+    exit_worker()

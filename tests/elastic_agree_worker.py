@@ -21,7 +21,7 @@ import channelslast_cb.distributed  # noqa: F401  (adds learn.distrib_ctx)
 from channelslast_cb.checkpoint import SaveModelCallback
 from channelslast_cb.checkpoint_io import atomic_save, learner_state
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn_no_conv_bias
+from helpers import exit_worker, synth_images, tiny_cnn_no_conv_bias
 
 
 def learner(path: Path, opt_func=torch.optim.AdamW) -> Learner:
@@ -48,3 +48,4 @@ if __name__ == '__main__':
         seen['error'] = None
     except Exception as e: seen['error'] = f'{type(e).__name__}: {e}'
     (out / f'rank{rank}.json').write_text(json.dumps(seen))
+    exit_worker()

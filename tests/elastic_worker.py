@@ -24,7 +24,7 @@ from channelslast_cb.checkpoint import SaveModelCallback
 from channelslast_cb.core import Callback
 from channelslast_cb.distributed import rank_distrib, setup_distrib
 from channelslast_cb.learner import DataLoaders, Learner
-from helpers import synth_images, tiny_cnn_no_conv_bias
+from helpers import exit_worker, synth_images, tiny_cnn_no_conv_bias
 
 N_EPOCH, TIMEOUT = 4, 30
 
@@ -80,3 +80,4 @@ if __name__ == '__main__':
                 'epochs_run': len(run.recorder.values), 'restart_count': int(os.environ['TORCHELASTIC_RESTART_COUNT']),
                 'group_rank': int(os.environ['GROUP_RANK'])}, out / f'rank{rank}.pt')
     print(f'rank {rank}: done, resumed from {run.save_model.resumed_from}', flush=True)
+    exit_worker()

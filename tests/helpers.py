@@ -1,4 +1,7 @@
-"Small models and data shared by the tests."
+"Small models and data shared by the tests, and how a torchrun worker ends."
+import os
+import sys
+
 import torch
 from torch import nn
 
@@ -79,3 +82,17 @@ def record_c2(model, out: list):
     "Record, per call of `model.c2` (the second convolution), whether its input and output are channels-last"
     cl = lambda t: t.is_contiguous(memory_format=torch.channels_last)
     return model.c2.register_forward_hook(lambda m, i, o: out.append((cl(i[0]), cl(o))))
+
+
+def exit_worker(code: int = 0):
+    """End a torchrun worker once its results are written: flush, then `os._exit(code)`, skipping Python's finalization.
+
+    A gloo group that DDP used keeps its worker threads after `destroy_process_group` (DDP holds a reference), and one
+    of them may still be releasing the last allreduce when the interpreter finalizes. That release needs the GIL, a
+    finalizing Python ends the thread instead, and the C++ runtime aborts the process: "terminate called without an
+    active exception", SIGABRT, exit -6 (gdb: `ProcessGroupGloo::runLoop` -> `~AsyncAllreduceWork` ->
+    `gil_scoped_acquire` -> `pthread_exit` while the main thread is in `Py_FinalizeEx`). It is a race that load makes
+    likely (about one launch in eight on a busy 2-core machine); PyTorch issue #190489 and PR #179291 describe it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from channelslast_cb.channelslast import to_channels_last
 from channelslast_cb.lightning import ChannelsLast
-from helpers import tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
+from helpers import exit_worker, tiny_cnn_no_conv_bias  # tests/ is this script's folder, so it is on sys.path
 from lightning_helpers import Classifier, StepClock, checksum, cl, loader, trainer
 
 GRAD_STRIDES = 'Grad strides do not match bucket view strides'
@@ -83,3 +83,5 @@ def dist_rank() -> int:
 
 if __name__ == '__main__':
     main(Path(sys.argv[1]))
+    dist.destroy_process_group()  # Lightning leaves a gloo group alive (it destroys only nccl groups at exit)
+    exit_worker()

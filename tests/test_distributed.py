@@ -176,3 +176,11 @@ def test_fp16_ranks_skip_the_same_steps(ranks):
     assert a['skipped'] > 0
     assert (a['skipped'], a['scale'], a['checksum'], a['table']) == (b['skipped'], b['scale'], b['checksum'], b['table'])
     assert a['grad_warn'] == [] and a['cl_after'] is True
+
+
+def test_every_torchrun_worker_ends_through_exit_worker():
+    "A worker that lets Python finalize after DDP on gloo can abort at exit (SIGABRT): `helpers.exit_worker` says why"
+    workers = [f for f in sorted(Path(__file__).parent.glob('*_worker.py'))
+               if any(s in f.read_text() for s in ('distrib_ctx', 'DDPStrategy', 'setup_distrib'))]
+    assert len(workers) >= 9, [f.name for f in workers]
+    for f in workers: assert 'exit_worker()' in f.read_text(), f"{f.name} ends without exit_worker()"

@@ -37,8 +37,8 @@ from .learner import Learner, model_device
 __all__ = ['AMP_SLOW_RATIO', 'AMP_SPEEDS', 'SAY_CHOICES', 'AMPMode', 'cpu_native', 'autocast_supported', 'AMPSpeedWarning',
            'AMPSpeed', 'measure_amp_speed', 'amp_speed', 'slow_amp_message', 'check_amp_speed', 'check_amp_support',
            'say_choice', 'AMPChoice', 'screen_precisions', 'candidate_settings', 'decide_amp', 'to_float32',
-           'SkippedStepsWarning', 'host_log', 'distributed_group', 'MixedPrecision', 'is_channels_last', 'install_host',
-           'half_weights', 'check_float32_weights', 'to_float32_weights']
+           'half_weights', 'check_float32_weights', 'to_float32_weights', 'SkippedStepsWarning', 'host_log',
+           'distributed_group', 'MixedPrecision', 'is_channels_last', 'install_host']
 
 # %% ../nbs/02_fp16.ipynb #33f47e74
 class AMPMode(str, Enum):
@@ -410,6 +410,46 @@ class _StepProbe:
 def _has_grads(opt) -> bool:
     return any(p.grad is not None for g in opt.param_groups for p in g['params'])
 
+# %% ../nbs/02_fp16.ipynb #baf7ec01
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def half_weights(model: nn.Module) -> list[str]:
+    "Names of `model`'s parameters stored in float16 or bfloat16 (a `.half()` model, a half checkpoint loaded as is)"
+    return [k for k, p in model.named_parameters() if p.dtype in _HALF]
+
+
+def check_float32_weights(model: nn.Module,  # the model mixed precision would train
+                          call: str):        # the call that asked for it, for the message ('learn.to_fp16()')
+    "Raise a `ValueError` if `model` has float16/bfloat16 parameters: mixed precision needs float32 master weights"
+    if not (half := half_weights(model)): return
+    dtypes = sorted({str(p.dtype).removeprefix('torch.') for p in model.parameters() if p.dtype in _HALF})
+    n = sum(1 for _ in model.parameters())
+    raise ValueError(f"{call}: {len(half)} of the model's {n} parameters are {' and '.join(dtypes)} (first: "
+                     f"{half[0]!r}), and mixed precision keeps float32 weights and computes in 16 bits only inside "
+                     f"autocast (float16 weights would fail in the fit, and their updates would round away). Convert "
+                     f"the model first with learn.to_fp32() (or learn.model.float()), then call {call} again.")
+
+
+def to_float32_weights(model: nn.Module,  # converted in place: the same `Parameter` objects, so optimizers keep them
+                       opt=None            # its state tensors shaped like a converted parameter (Adam's moments) follow
+                      ) -> nn.Module:
+    "Convert `model`'s float16/bfloat16 parameters, their gradients and buffers to float32 (float64 and integers stay)"
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype in _HALF: p.data = p.data.float()
+            if p.grad is not None and p.grad.dtype in _HALF: p.grad = p.grad.float()
+        for m in model.modules():
+            for k, b in m._buffers.items():
+                if b is not None and b.dtype in _HALF: m._buffers[k] = b.float()
+        inner = getattr(opt, 'opt', None)  # fastai's OptimWrapper keeps the torch optimizer, and its state, in `.opt`
+        state = getattr(inner if isinstance(inner, torch.optim.Optimizer) else opt, 'state', None)
+        for p, st in (state.items() if isinstance(state, dict) else ()):
+            if not (isinstance(p, torch.Tensor) and isinstance(st, dict)): continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dtype in _HALF and v.shape == p.shape: st[k] = v.to(p.dtype)
+    return model
+
 # %% ../nbs/02_fp16.ipynb #ef2d92b7
 class SkippedStepsWarning(RuntimeWarning):
     "fp16: every optimizer step of an epoch was skipped (gradients inf or nan), so the model did not train"
@@ -594,6 +634,8 @@ class MixedPrecision(Callback):
         learn.forward_context = partial(torch.autocast, device.type, dtype=mode.dtype)
 
     def before_fit(self):
+        if self.amp_mode is not AMPMode.AUTO or self.precision != 'fp32':  # (float32 training takes any weights)
+            check_float32_weights(self.learn.model, 'MixedPrecision')  # half weights: say so before the first batch
         device = model_device(self.learn.model)  # a fastai Learner has no `device`
         was = self._idle()
         self.decide(device, distributed_group(self.learn))
@@ -740,46 +782,6 @@ def install_host(learn):
         importlib.import_module('channelslast_cb.fastai')
 
 # %% ../nbs/02_fp16.ipynb #660c3640
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def half_weights(model: nn.Module) -> list[str]:
-    "Names of `model`'s parameters stored in float16 or bfloat16 (a `.half()` model, a half checkpoint loaded as is)"
-    return [k for k, p in model.named_parameters() if p.dtype in _HALF]
-
-
-def check_float32_weights(model: nn.Module,  # the model mixed precision would train
-                          call: str):        # the call that asked for it, for the message ('learn.to_fp16()')
-    "Raise a `ValueError` if `model` has float16/bfloat16 parameters: mixed precision needs float32 master weights"
-    if not (half := half_weights(model)): return
-    dtypes = sorted({str(p.dtype).removeprefix('torch.') for p in model.parameters() if p.dtype in _HALF})
-    n = sum(1 for _ in model.parameters())
-    raise ValueError(f"{call}: {len(half)} of the model's {n} parameters are {' and '.join(dtypes)} (first: "
-                     f"{half[0]!r}), and mixed precision keeps float32 weights and computes in 16 bits only inside "
-                     f"autocast (float16 weights would fail in the fit, and their updates would round away). Convert "
-                     f"the model first with learn.to_fp32() (or learn.model.float()), then call {call} again.")
-
-
-def to_float32_weights(model: nn.Module,  # converted in place: the same `Parameter` objects, so optimizers keep them
-                       opt=None            # its state tensors shaped like a converted parameter (Adam's moments) follow
-                      ) -> nn.Module:
-    "Convert `model`'s float16/bfloat16 parameters, their gradients and buffers to float32 (float64 and integers stay)"
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dtype in _HALF: p.data = p.data.float()
-            if p.grad is not None and p.grad.dtype in _HALF: p.grad = p.grad.float()
-        for m in model.modules():
-            for k, b in m._buffers.items():
-                if b is not None and b.dtype in _HALF: m._buffers[k] = b.float()
-        inner = getattr(opt, 'opt', None)  # fastai's OptimWrapper keeps the torch optimizer, and its state, in `.opt`
-        state = getattr(inner if isinstance(inner, torch.optim.Optimizer) else opt, 'state', None)
-        for p, st in (state.items() if isinstance(state, dict) else ()):
-            if not (isinstance(p, torch.Tensor) and isinstance(st, dict)): continue
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor) and v.dtype in _HALF and v.shape == p.shape: st[k] = v.to(p.dtype)
-    return model
-
-
 @patch
 @delegates(MixedPrecision, but=['amp_mode'])
 def to_fp16(self: Learner, **kwargs) -> Learner:

@@ -4,6 +4,7 @@ The state table covers the three user lines (`cbs=ChannelsLast()`, `learn.to_cha
 `learn.to_contiguous(to_fp32=True)`) and their variants in every order against each other and against
 `to_fp16/to_bf16/to_fp32`, including the two orders that end wrong in fastai 2.8.
 """
+import contextlib
 import itertools
 import re
 import sys
@@ -598,3 +599,15 @@ def test_to_fp32_keeps_float64_and_integer_tensors():
     learn = make_learner(cnn().double())
     learn.to_fp32()
     assert learn.model[0].weight.dtype == torch.float64 and learn.model[1].num_batches_tracked.dtype == torch.int64
+
+
+def test_a_half_model_with_mixed_precision_alone_is_refused_before_the_first_batch():
+    "cbs=[MixedPrecision('bf16')] on a .half() model: a clear error at the fit's start, and nothing left in force"
+    from channelslast_cb.fp16 import MixedPrecision
+    learn = Learner(DataLoaders.from_tensors(synth_images(16), bs=8), tiny_cnn().half(), loss_func=F.cross_entropy,
+                    cbs=MixedPrecision('bf16'), progress=False)
+    with pytest.raises(ValueError, match=r"MixedPrecision: \d+ of the model's \d+ parameters are float16 .*learn.to_fp32\(\)"):
+        learn.fit(1)
+    assert learn.forward_context is contextlib.nullcontext
+    learn.to_fp32()
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())

@@ -131,7 +131,7 @@ def main():
     ap.add_argument('--bs', type=int, default=16)
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--block', type=int, default=2)
-    ap.add_argument('--steps', type=int, default=36, help="steps of each decision fit")
+    ap.add_argument('--steps', type=int, default=48, help="steps of each decision fit (more than any trial takes)")
     ap.add_argument('--out', default=None, help="write the Markdown table (and a .json beside it) here")
     a = ap.parse_args()
     warnings.simplefilter('ignore')
@@ -150,6 +150,7 @@ def main():
             os.environ['CHANNELSLAST_CB_CACHE'] = cache
             for key, auto, against in (('default', False, best_cl), ('auto', True, best)):
                 d, times = decide_fit(name, a.size, a.bs, a.steps, auto)
+                if d is None: sys.exit(f"{name}: no decision within {a.steps} steps; pass a larger --steps")
                 kept = (d.layout, d.precision)
                 n = d.steps
                 extra = (sum(times[:n]) - n * statistics.median(r[against] for r in per_round)) / statistics.median(r[against] for r in per_round)

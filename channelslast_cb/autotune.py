@@ -199,8 +199,9 @@ class StepTrial:
 
     def _start_round(self):
         first = not self.round_times  # round 1 screens: the first visit's warm-up, then one timed step each
-        warm, timed = (self.warmup, 1) if first else (min(self.warmup, 1), self.block)
-        self._queue = [(s, i >= warm) for s in self.alive for i in range(warm + timed)]
+        warm = lambda s: self.warmup if first and self.eligible(s) else min(self.warmup, 1)  # a setting only noted: one
+        timed = 1 if first else self.block
+        self._queue = [(s, i >= warm(s)) for s in self.alive for i in range(warm(s) + timed)]
         self._block = {s: [] for s in self.alive}
 
     def _end_round(self):

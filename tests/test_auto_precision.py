@@ -107,7 +107,8 @@ def test_default_call_decides_on_the_models_own_steps(fresh, kind, model):
     assert (mp.amp_mode, mp.precision, d.precision, d.layout) == (AMPMode.AUTO, want, want, CHANNELS_LAST), d
     assert {str(r['setting']) for r in d.table} == {f'{l}/{p}' for p in KINDS[kind][1] for l in (CHANNELS_LAST, CONTIGUOUS)}
     n = len(KINDS[kind][1])                                     # clear after two rounds: the screening round of every
-    assert d.steps <= 3 * 2 * n + 3 * n, d                      # setting, then one of the channels-last ones
+    assert d.steps <= (3 + 2) * n + 3 * n, d                    # setting (contiguous, only noted, warms up once),
+                                                                # then one of the channels-last ones
     assert set(seen[d.steps:]) == {DTYPE[want]}                 # every later step trains in it
     assert learn.model[0].weight.is_contiguous(memory_format=torch.channels_last)  # the model stays channels-last
     assert mp.skips_nonfinite_steps == (want == 'fp16')         # a GradScaler at work exactly when fp16 trains
@@ -125,8 +126,9 @@ def test_the_probe_only_screens(fresh):
     learn, seen = default_fit(dict(bf16=2.5))
     d = learn.channels_last.decision
     assert d.precision == 'fp32' and {str(r['setting']): r['timed'] for r in d.table}['channels_last/bf16'] == 1, d
-    assert d.steps == 4 * 3, d                                # round 1 only: every other setting dropped after it
-    assert seen[:d.steps].count(torch.bfloat16) == 2 * 3      # each layout: two warm-up steps and one timed step
+    assert d.steps == 2 * 3 + 2 * 2, d                        # round 1 only: every other setting dropped after it
+    assert seen[:d.steps].count(torch.bfloat16) == 3 + 2      # channels-last: two warm-up steps and one timed step;
+                                                              # contiguous (only noted): one and one
 
 
 def test_avx2_only_decides_fp32_at_once(fresh):

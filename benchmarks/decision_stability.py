@@ -39,7 +39,7 @@ def main():
     ap.add_argument('--model', default='resnet18')
     ap.add_argument('--size', type=int, default=64)
     ap.add_argument('--bs', type=int, default=16)
-    ap.add_argument('--steps', type=int, default=30)
+    ap.add_argument('--steps', type=int, default=50, help='steps of the fit: more than any trial takes')
     ap.add_argument('--runs', type=int, default=10)
     ap.add_argument('--cache', choices=('off', 'tmp'), default='off')
     a = ap.parse_args()

@@ -372,6 +372,7 @@ def _adopt(self: ChannelsLast, d):
 def _auto_after_fit(self: ChannelsLast):
     if self.decision is None and self.decider.trial is not None and getattr(self.learn, 'fitting', True):
         self.decider.interrupt()
+        if not self.auto: self.set_layout(CHANNELS_LAST)  # between fits the model is in the layout asked for
         who = 'ChannelsLast(auto)' if self.auto else 'to_channelslast'
         say_choice(f"{who}: the fit ended after {self.decider.trial.steps} measuring steps, before the decision; "
                    f"the model stays {self.layout} for now, and the next fit goes on measuring", self._log)

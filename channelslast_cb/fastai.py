@@ -70,7 +70,7 @@ def unpatch_fastai() -> type:
     "Put fastai's own `Learner` methods back, as they were before `import channelslast_cb.fastai`"
     global _patched
     for k, f in _ORIG.items():
-        if f is _MISSING: delattr(FastaiLearner, k)
+        if f is _MISSING: FastaiLearner.__dict__.get(k, _MISSING) is not _MISSING and delattr(FastaiLearner, k)  # (twice: once)
         else: setattr(FastaiLearner, k, f)
     _patched = False
     return FastaiLearner
